@@ -1,0 +1,378 @@
+"""The persistence layer: the storage seam and the backends behind it.
+
+Theory of operation
+-------------------
+The broker core decides *who* gets a message; the store decides *which* messages
+exist and what state each is in. The store is authoritative for delivery state: which
+queue messages are ready, which are in flight and to which consumer, where each
+durable topic cursor stands. The core only keeps what a connection needs (its
+subscriptions, the ids it may ack, its credit).
+
+That split is what lets several brokers share one store later (see
+``shared/STORAGE.md``): a shared backend answers the same operations from shared
+state, and the core does not change.
+
+The seam is a set of operations on queues and topics, each taking a *batch* so that
+the broker pays for one storage round trip (one group commit, one pipeline) per loop
+iteration, never one per message:
+
+===================  ===========================================================
+``append``           store new messages (queues and topics); the result is final
+                     only when the message is durable under the fsync policy
+``claim``            take up to one ready message per consumer slot, in order
+``settle``           ack, requeue or dead-letter messages a consumer held
+``release``          a consumer went away: its messages become ready again
+``reclaim``          deliveries whose ack deadline passed become ready again
+``read``             read a topic's log from a position (replay, catch-up)
+``open_cursor``      find or create a durable subscription's cursor
+``commit_cursors``   move durable cursors forward
+``delete_cursor``    forget a durable subscription
+``stats``            counts for monitoring
+``maintain``         periodic work: retention, compaction, timed fsync
+===================  ===========================================================
+
+Rules every backend keeps (the contract suite in ``tests/storage`` checks them):
+
+- Operations take effect in the order they are called, even when their results
+  arrive later. A message becomes claimable only once its append has completed.
+- msg makes message ids; a backend stores them and never invents its own.
+- ``append`` and ``settle`` fail per item, with a :class:`StoreFailure`; a failed
+  item changed nothing. A store that has had an I/O error it cannot vouch for turns
+  read-only: :meth:`Store.writable` then reports it, and appends fail.
+- Messages claimed with ``auto_ack`` are gone once claimed. Otherwise a message
+  stays in flight until settled, released or reclaimed, and ``attempt`` counts its
+  deliveries.
+- Queue message lifecycle (also in ``docs/persistence.md``)::
+
+      READY --claim--> IN_FLIGHT --settle(ack)------> gone
+        ^                  |------settle(requeue)---> READY  (attempt + 1 on next claim)
+        |                  |------settle(dead)------> $dead.<queue> (READY there)
+        +--release/reclaim-+
+
+The backends: :class:`msg.storage.memory.MemoryStore` (nothing survives a restart;
+tests and throwaway brokers) and :class:`msg.storage.filestore.FileStore` (the
+default: append-only JSON-lines logs under the data directory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+__all__ = [
+    "Append",
+    "Appended",
+    "Capabilities",
+    "Claim",
+    "CursorCommit",
+    "Delivery",
+    "FsyncPolicy",
+    "Kind",
+    "Outcome",
+    "QueueStats",
+    "Reclaimed",
+    "Recovery",
+    "Retention",
+    "Settle",
+    "Settled",
+    "Store",
+    "StoreFailure",
+    "StoreStats",
+    "StoredMessage",
+    "TopicMessage",
+    "TopicRead",
+    "TopicStats",
+]
+
+
+class Kind(StrEnum):
+    """Topics (fan-out, a retained log) and queues (each message to one consumer)."""
+
+    QUEUE = "queue"
+    TOPIC = "topic"
+
+
+class FsyncPolicy(StrEnum):
+    """When the file store forces written records to the disk."""
+
+    ALWAYS = "always"
+    """Before any result is returned; writes arriving together share one fsync."""
+    EVERYSEC = "everysec"
+    """Once a second: a power loss can lose the last second of acked writes."""
+    NEVER = "never"
+    """When the operating system decides (and on clean shutdown)."""
+
+
+class StoreFailure(StrEnum):
+    """Why an item of a batch was not done. Values are protocol error codes."""
+
+    STORAGE_FULL = "storage_full"
+    STORAGE_ERROR = "storage_error"
+    QUEUE_FULL = "queue_full"
+
+
+class Outcome(StrEnum):
+    """What settling an in-flight queue message does with it."""
+
+    ACK = "ack"
+    REQUEUE = "requeue"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do, so the broker can refuse or emulate features honestly."""
+
+    durable: bool
+    """Messages survive a broker restart."""
+    shared: bool = False
+    """Several brokers may use the same store at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How much of each topic's log is kept; the oldest messages go first.
+
+    A limit of None means no limit of that kind.
+    """
+
+    max_messages: int | None = 1_000_000
+    max_bytes: int | None = 1024**3
+    max_age: float | None = 7 * 24 * 3600.0
+    """Seconds; Kafka's default retention of seven days."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as the store keeps it. ``payload`` is the JSON-encoded value."""
+
+    message_id: str
+    payload: bytes
+    published_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Store ``message`` at the end of queue or topic ``name``."""
+
+    kind: Kind
+    name: str
+    message: StoredMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Result of one :class:`Append`: its position, or why it was not stored."""
+
+    position: int = 0
+    """Queues: the message's sequence number. Topics: its log position."""
+    failure: StoreFailure | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Take ready messages of ``queue``: at most one for each entry of ``consumers``.
+
+    Messages are handed out in queue order, filling the slots in the order given, so
+    the caller decides the distribution (round-robin is one slot per consumer per
+    round). A message that was last delivered to a consumer goes to a different
+    consumer of this claim where one is available.
+    """
+
+    queue: str
+    consumers: tuple[str, ...]
+    auto_ack: bool = False
+    """Consumed when claimed: no settle will follow, the message is gone."""
+    deadline: float | None = None
+    """When unsettled deliveries of this claim may be reclaimed (see ``reclaim``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message handed to one consumer."""
+
+    queue: str
+    consumer: str
+    message_id: str
+    payload: bytes
+    published_at: float
+    attempt: int
+    """1 on the first delivery, then counting redeliveries."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """Finish an in-flight message that ``consumer`` holds."""
+
+    queue: str
+    message_id: str
+    consumer: str
+    outcome: Outcome
+    reason: str | None = None
+    """For dead letters: why the consumer rejected it, kept with the message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Result of one :class:`Settle`."""
+
+    found: bool
+    """False if the message was not in flight to that consumer (nothing changed)."""
+    failure: StoreFailure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    """A delivery whose deadline passed; the message is ready again."""
+
+    queue: str
+    consumer: str
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TopicMessage:
+    """A message in a topic's log."""
+
+    position: int
+    message_id: str
+    payload: bytes
+    published_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRead:
+    """Result of :meth:`Store.read`."""
+
+    messages: tuple[TopicMessage, ...]
+    first: int
+    """The oldest position still retained (== end when the log is empty)."""
+    end: int
+    """The position the next append will get."""
+
+
+@dataclass(frozen=True, slots=True)
+class CursorCommit:
+    """Durable cursor ``name`` on ``topic`` now points at ``position`` (next to deliver)."""
+
+    topic: str
+    name: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Counts for one queue."""
+
+    ready: int
+    in_flight: int
+    bytes: int
+    """Payload bytes held for messages not yet done."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopicStats:
+    """Counts for one topic's log."""
+
+    first: int
+    end: int
+    bytes: int
+    cursors: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def retained(self) -> int:
+        """Messages currently kept in the log."""
+        return self.end - self.first
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Everything :meth:`Store.stats` reports."""
+
+    queues: Mapping[str, QueueStats]
+    topics: Mapping[str, TopicStats]
+    read_only: StoreFailure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What :meth:`Store.open` found."""
+
+    queues: Mapping[str, int]
+    """Ready messages per queue."""
+    topics: Mapping[str, int]
+    """End position per topic."""
+    torn_records: int = 0
+    corrupt_records: int = 0
+
+
+class Store(Protocol):
+    """Queue and topic storage. See the module docstring for the contract.
+
+    Every method is called from the event loop thread. Batched methods return one
+    result per item, in order.
+    """
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this backend can do."""
+        ...
+
+    async def open(self) -> Recovery:
+        """Load or connect; called once before anything else."""
+        ...
+
+    async def close(self) -> None:
+        """Make everything written durable and release resources."""
+        ...
+
+    def writable(self) -> StoreFailure | None:
+        """None if appends can succeed now; else why they will fail. Cheap, synchronous."""
+        ...
+
+    async def append(self, items: Sequence[Append]) -> list[Appended]:
+        """Store new messages; each result is final (durable under the policy)."""
+        ...
+
+    async def claim(self, claims: Sequence[Claim]) -> list[list[Delivery]]:
+        """Take ready messages for consumers; one list of deliveries per claim."""
+        ...
+
+    async def settle(self, items: Sequence[Settle]) -> list[Settled]:
+        """Ack, requeue or dead-letter in-flight messages."""
+        ...
+
+    async def release(self, queue: str, consumer: str) -> int:
+        """Make every message ``consumer`` holds on ``queue`` ready again; return how many."""
+        ...
+
+    async def reclaim(self, now: float) -> list[Reclaimed]:
+        """Make deliveries whose deadline is before ``now`` ready again."""
+        ...
+
+    async def read(self, topic: str, position: int, limit: int) -> TopicRead:
+        """Up to ``limit`` messages of ``topic`` from ``position`` on (or the oldest kept)."""
+        ...
+
+    async def open_cursor(self, topic: str, name: str) -> int:
+        """The position of durable cursor ``name``; a new cursor starts at the end."""
+        ...
+
+    async def commit_cursors(self, items: Sequence[CursorCommit]) -> list[StoreFailure | None]:
+        """Move durable cursors; each result is final (durable under the policy)."""
+        ...
+
+    async def delete_cursor(self, topic: str, name: str) -> bool:
+        """Forget a durable cursor; False if there was none."""
+        ...
+
+    async def stats(self) -> StoreStats:
+        """Counts for every queue and topic."""
+        ...
+
+    async def maintain(self, now: float) -> None:
+        """Periodic work, about once a second: retention, compaction, timed fsync."""
+        ...

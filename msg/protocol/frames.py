@@ -1,0 +1,152 @@
+"""Request frames: what a client can ask of the broker.
+
+Each request is a frozen value, already validated: the codec builds one only from a
+well-formed line, so code that receives a frame can trust its fields. ``Request`` is
+the union the broker dispatches on with ``match``. A line that cannot become a request
+becomes a :class:`RequestError` instead, which carries the stable code and the text
+of the error reply.
+
+Replies (broker to client) are plain JSON objects whose ``type`` is one of
+:class:`ReplyType`; :mod:`msg.protocol.codec` encodes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from msg.protocol.codes import ErrorCode
+
+__all__ = [
+    "DEFAULT_PREFETCH",
+    "MAX_PREFETCH",
+    "Ack",
+    "AckMode",
+    "JsonScalar",
+    "Mode",
+    "Nack",
+    "Ping",
+    "Publish",
+    "ReplyType",
+    "Request",
+    "RequestError",
+    "Status",
+    "Subscribe",
+    "Unsubscribe",
+]
+
+JsonScalar = str | int | float | bool | None
+"""A request ``id``: any JSON scalar, echoed unchanged in the reply."""
+
+# A consumer may hold this many unacknowledged messages unless it asks otherwise.
+# RabbitMQ's guidance for prefetch is 100-300; enough to keep a consumer busy across a
+# network round trip and an fsync, small enough to share a backlog fairly.
+DEFAULT_PREFETCH: Final = 100
+# AMQP's prefetch-count is an unsigned short; the same ceiling bounds the broker's
+# per-consumer bookkeeping.
+MAX_PREFETCH: Final = 65_535
+
+
+class Mode(StrEnum):
+    """How a topic name is used: fan-out to every subscriber, or one consumer each."""
+
+    PUBSUB = "pubsub"
+    QUEUE = "queue"
+
+
+class AckMode(StrEnum):
+    """When a delivered message counts as done."""
+
+    AUTO = "auto"
+    """As soon as it is sent."""
+    MANUAL = "manual"
+    """When the consumer acks it; unacked messages are delivered again."""
+
+
+class ReplyType(StrEnum):
+    """The ``type`` field of everything the broker sends."""
+
+    ACK = "ack"
+    ERROR = "error"
+    MESSAGE = "message"
+    PONG = "pong"
+    STATUS = "status"
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Publish one message to a topic (fan-out) or a queue (one consumer)."""
+
+    topic: str
+    payload: bytes
+    """The ``message`` value, JSON-encoded: stored and delivered without re-encoding."""
+    mode: Mode = Mode.PUBSUB
+    id: JsonScalar = None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Start receiving a topic's or a queue's messages on this connection."""
+
+    topic: str
+    mode: Mode = Mode.PUBSUB
+    ack: AckMode = AckMode.AUTO
+    prefetch: int = DEFAULT_PREFETCH
+    durable: str | None = None
+    """Pub/sub only: the name of a cursor that survives disconnects and restarts."""
+    id: JsonScalar = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """Stop a subscription; with ``durable``, also delete that durable cursor."""
+
+    topic: str
+    mode: Mode = Mode.PUBSUB
+    durable: str | None = None
+    id: JsonScalar = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A delivered message is done."""
+
+    message_id: str
+    id: JsonScalar = None
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """A delivered message failed: deliver it again, or dead-letter it."""
+
+    message_id: str
+    requeue: bool = True
+    id: JsonScalar = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Liveness check; the broker answers ``{"type": "pong"}``."""
+
+    id: JsonScalar = None
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Ask for the broker's queues, topics, connections and rates."""
+
+    id: JsonScalar = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestError:
+    """A line that could not become a request, and the error reply it earns."""
+
+    code: ErrorCode
+    text: str
+    id: JsonScalar = None
+    message_id: str | None = None
+
+
+Request = Publish | Subscribe | Unsubscribe | Ack | Nack | Ping | Status
