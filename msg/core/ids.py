@@ -1,0 +1,42 @@
+"""Message ids.
+
+msg makes every message id itself (the storage seam relies on it: an id is stable
+across redeliveries and backends). An id is a per-run prefix plus a counter, so making
+one is a string concatenation. The prefix comes from outside the core (the server
+builds it from the clock and a random number), which keeps the core free of clocks
+and randomness and keeps ids unique across restarts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Protocol
+
+__all__ = ["IdSource", "SequentialIds"]
+
+
+class IdSource(Protocol):
+    """Something that makes unique message ids."""
+
+    def next_id(self) -> str:
+        """A new id, never returned before (by this source or an earlier run)."""
+        ...
+
+
+class SequentialIds:
+    """Ids of the form ``<prefix>-<n>``: unique if the prefix is unique per run.
+
+    ``n`` is written in base 10 so that ids of one run sort by length, then value,
+    in publish order, which is easy to follow when reading logs.
+    """
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self, prefix: str) -> None:
+        if not prefix or not all(c.isascii() and (c.isalnum() or c == "-") for c in prefix):
+            raise ValueError("an id prefix is ASCII letters, digits and '-'")
+        self._prefix = prefix + "-"
+        self._counter = itertools.count(1)
+
+    def next_id(self) -> str:
+        return self._prefix + str(next(self._counter))

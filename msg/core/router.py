@@ -1,0 +1,1119 @@
+"""The broker core: routing, credit, acks, without sockets, files or clocks.
+
+Theory of operation
+-------------------
+The server feeds the router everything that happens, and the router answers with
+effects:
+
+- ``connect``/``disconnect`` when a connection comes and goes;
+- ``handle(session_id, requests, now)`` with every request one read produced;
+- the results of the store calls it asked for (each :class:`StoreCall` carries the
+  method that takes its result);
+- ``drained(session_id)`` when a connection's socket has taken what was written, and
+  ``tick(now)`` about once a second.
+
+In return the router leaves frames in each session's outbound buffer (the server
+writes every dirty session once per loop iteration, see :meth:`take_dirty`), store
+calls in :meth:`take_calls`, and connections to close in :meth:`take_closes`. All of it
+is synchronous: one call runs to completion before the next, so no other connection
+can observe a half-done update.
+
+Paths of a message
+~~~~~~~~~~~~~~~~~~
+Pub/sub: a publish is sent at once to every plain subscriber (encoded once, the same
+bytes for all), and appended to the topic's log; the publisher's ack waits for the
+append to be durable. Durable subscribers read the log through their cursor: live
+when they are caught up, by ``read`` calls when they are behind.
+
+Queues: a publish is appended; when the append is durable the publisher is acked and
+the queue is marked *maybe ready*. Once per loop iteration every queue that may have
+work is *dispatched*: the consumers' credit becomes a ``claim`` of slots in round-robin
+order, and the store fills the slots with ready messages. Acks and nacks become one
+``settle`` call per iteration; their replies wait for it to be durable.
+
+Errors the peer caused are answered with an error frame and a stable code, here,
+once. Anything else raised while handling a request is a bug; the server logs it and
+closes that one connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from msg.core.effects import AnyStoreCall, Close, StoreCall
+from msg.core.ids import IdSource
+from msg.core.model import (
+    DurableSub,
+    PlainSub,
+    QueueConsumer,
+    QueueState,
+    Session,
+    Subscription,
+    TopicState,
+)
+from msg.core.outbound import Slot
+from msg.core.stats import Counters, Rates
+from msg.persistence import (
+    Append,
+    Appended,
+    Claim,
+    CursorCommit,
+    Delivery,
+    Kind,
+    Outcome,
+    Reclaimed,
+    Recovery,
+    Settle,
+    Settled,
+    Store,
+    StoredMessage,
+    StoreFailure,
+    StoreStats,
+    TopicRead,
+)
+from msg.protocol.codec import (
+    delivery_prefix,
+    encode_ack,
+    encode_delivery,
+    encode_error,
+    encode_reply,
+)
+from msg.protocol.codes import ErrorCode
+from msg.protocol.frames import (
+    Ack,
+    AckMode,
+    JsonScalar,
+    Mode,
+    Nack,
+    Ping,
+    Publish,
+    Request,
+    RequestError,
+    Status,
+    Subscribe,
+    Unsubscribe,
+)
+from msg.protocol.names import dead_letter_queue
+
+__all__ = ["DEFAULT_ACK_TIMEOUT", "Router"]
+
+log = logging.getLogger(__name__)
+
+# RabbitMQ's consumer_timeout default: a consumer that holds a message this long
+# without settling it has almost certainly hung, and the message goes to another.
+DEFAULT_ACK_TIMEOUT: Final = 30 * 60.0
+
+# The most slots one claim asks for: big enough to fill a consumer's whole default
+# prefetch many times over, small enough that one claim's deliveries are one modest
+# write.
+_MAX_CLAIM_SLOTS: Final = 4096
+
+# Catch-up reads of a durable subscription fetch at most this many messages at once.
+_MAX_READ: Final = 1024
+
+_STORE_TEXT: Final[Mapping[StoreFailure, str]] = {
+    StoreFailure.STORAGE_FULL: "not stored: the broker's disk is full",
+    StoreFailure.STORAGE_ERROR: "not stored: the broker's storage failed; it accepts no "
+    "publishes until restarted",
+    StoreFailure.QUEUE_FULL: "not stored: the queue holds its maximum number of messages",
+}
+
+
+@dataclass(slots=True)
+class _PublishWaiter:
+    session: Session
+    slot: Slot
+    rid: JsonScalar
+
+
+@dataclass(slots=True)
+class _AppendBatch:
+    items: list[Append] = field(default_factory=list)
+    waiters: list[_PublishWaiter] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _ClaimBatch:
+    claims: list[Claim] = field(default_factory=list)
+    queues: list[tuple[QueueState, int]] = field(default_factory=list)
+    """Per claim: the queue and its ready generation when the claim was made."""
+
+
+@dataclass(slots=True)
+class _SettleWaiter:
+    session: Session
+    slot: Slot
+    rid: JsonScalar
+
+
+@dataclass(slots=True)
+class _SettleBatch:
+    items: list[Settle] = field(default_factory=list)
+    waiters: list[_SettleWaiter] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _CursorBatch:
+    commits: list[CursorCommit] = field(default_factory=list)
+    subs: list[DurableSub] = field(default_factory=list)
+    waiters: list[list[tuple[Slot, JsonScalar, str]]] = field(default_factory=list)
+
+
+_Handler = Callable[["Router", Session, Any, float], None]
+
+
+class Router:
+    """Routes requests between sessions, topics, queues and the store."""
+
+    def __init__(
+        self,
+        *,
+        ids: IdSource,
+        now: float,
+        ack_timeout: float | None = DEFAULT_ACK_TIMEOUT,
+        info: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._ids = ids
+        self._started = now
+        self._ack_timeout = ack_timeout
+        self._info = dict(info or {})
+        self._sessions: dict[int, Session] = {}
+        self._topics: dict[str, TopicState] = {}
+        self._queues: dict[str, QueueState] = {}
+        self._dirty: dict[int, Session] = {}
+        self._calls: list[AnyStoreCall] = []
+        self._closes: list[Close] = []
+        self._appends: _AppendBatch | None = None
+        self._claims: _ClaimBatch | None = None
+        self._settles: _SettleBatch | None = None
+        self._to_dispatch: dict[str, QueueState] = {}
+        self._to_commit: dict[int, DurableSub] = {}
+        self._to_pump: dict[int, DurableSub] = {}
+        self._next_consumer = 0
+        self._now_hint = now
+        """The ``now`` of the latest request or tick, for claim deadlines."""
+        self.read_only: StoreFailure | None = None
+        """Set by the server from ``Store.writable()``: publishes are refused."""
+        self.stopping = False
+        """Set by the server at shutdown: no new publishes, no new deliveries."""
+        self.counters = Counters()
+        self.rates = Rates()
+
+    # ------------------------------------------------------------------
+    # Inputs from the server
+
+    def recovered(self, recovery: Recovery) -> None:
+        """Learn what the store holds after a restart."""
+        for name in recovery.queues:
+            self._queue(name)
+        for name, end in recovery.topics.items():
+            self._topic(name).end = end
+
+    def connect(self, session_id: int, peer: str) -> None:
+        """A connection was accepted."""
+        self._sessions[session_id] = Session(session_id, peer)
+        self.counters.connections += 1
+
+    def disconnect(self, session_id: int) -> None:
+        """A connection is gone: end its subscriptions, return what it held."""
+        self.end_subscriptions(session_id)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            session.closed = True
+            self._dirty.pop(session_id, None)
+
+    def end_subscriptions(self, session_id: int) -> None:
+        """End every subscription of ``session_id`` and return what it held.
+
+        Used when a peer half-closes: it will read no more deliveries, but the replies
+        to what it already asked are still owed.
+        """
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        for sub in list(session.subs.values()):
+            self._end(sub)
+        session.subs.clear()
+        session.outstanding.clear()
+
+    def handle(
+        self, session_id: int, requests: Sequence[Request | RequestError], now: float
+    ) -> None:
+        """Act on every request one read of ``session_id`` produced, in order."""
+        session = self._sessions[session_id]
+        self._now_hint = now
+        handlers = _HANDLERS
+        for request in requests:
+            handlers[type(request)](self, session, request, now)
+        self._dirty[session_id] = session
+
+    def drained(self, session_id: int) -> None:
+        """The socket of ``session_id`` has room: auto-ack deliveries count as taken."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        for sub in session.subs.values():
+            if type(sub) is QueueConsumer:
+                if sub.ack is AckMode.AUTO and sub.in_flight:
+                    sub.in_flight = 0
+                    self._to_dispatch[sub.queue.name] = sub.queue
+            elif type(sub) is DurableSub and sub.ack is AckMode.AUTO and sub.unflushed:
+                sub.unflushed = 0
+                self._to_pump[id(sub)] = sub
+
+    def tick(self, now: float) -> None:
+        """Periodic work: rates, and taking back deliveries whose ack deadline passed."""
+        self._now_hint = now
+        self.rates.update(self.counters, now)
+        if self._ack_timeout is not None:
+            self._call("reclaim", lambda store: store.reclaim(now), self._reclaimed)
+
+    # ------------------------------------------------------------------
+    # Outputs to the server
+
+    def take_dirty(self) -> list[Session]:
+        """Sessions with frames ready to write (their ``out.take()`` has them)."""
+        self._flush_pending()
+        if not self._dirty:
+            return []
+        dirty = list(self._dirty.values())
+        self._dirty.clear()
+        return dirty
+
+    def take_calls(self) -> list[AnyStoreCall]:
+        """Store calls to run, in order."""
+        self._flush_pending()
+        calls = self._calls
+        self._calls = []
+        return calls
+
+    def take_closes(self) -> list[Close]:
+        """Connections to close once their queued frames are written."""
+        closes = self._closes
+        self._closes = []
+        return closes
+
+    def pending_replies(self, session_id: int) -> int:
+        """Requests of ``session_id`` still waiting on the store."""
+        session = self._sessions.get(session_id)
+        return 0 if session is None else session.out.unfilled
+
+    @property
+    def sessions(self) -> int:
+        """How many connections are open."""
+        return len(self._sessions)
+
+    def _flush_pending(self) -> None:
+        """Turn this iteration's accumulated work into store calls."""
+        while self._to_dispatch or self._to_pump:
+            to_dispatch = self._to_dispatch
+            self._to_dispatch = {}
+            for queue in to_dispatch.values():
+                self._dispatch(queue)
+            to_pump = self._to_pump
+            self._to_pump = {}
+            for sub in to_pump.values():
+                self._pump(sub)
+        if self._to_commit:
+            self._commit_cursors()
+        self._appends = None
+        self._claims = None
+        self._settles = None
+
+    # ------------------------------------------------------------------
+    # Request handlers
+
+    def _on_error(self, session: Session, request: RequestError, now: float) -> None:
+        self.counters.errors += 1
+        log.debug("session %d: %s: %s", session.id, request.code, request.text)
+        session.out.send(encode_error(request.code, request.text, request.id, request.message_id))
+
+    def _on_ping(self, session: Session, request: Ping, now: float) -> None:
+        if request.id is None:
+            session.out.send(b'{"type":"pong"}\n')
+        else:
+            session.out.send(encode_reply({"type": "pong", "id": request.id}))
+
+    def _on_publish(self, session: Session, request: Publish, now: float) -> None:
+        if self.stopping:
+            self._reject(
+                session, ErrorCode.SHUTTING_DOWN, "the broker is shutting down", request.id
+            )
+            return
+        if self.read_only is not None:
+            self._reject(
+                session, ErrorCode(self.read_only.value), _STORE_TEXT[self.read_only], request.id
+            )
+            return
+        message_id = self._ids.next_id()
+        if request.mode is Mode.PUBSUB:
+            topic = self._topics.get(request.topic) or self._topic(request.topic)
+            topic.published += 1
+            subscribers = topic.subscribers
+            if subscribers:
+                frame = encode_delivery(topic.prefix, request.payload, message_id)
+                dirty = self._dirty
+                for subscriber in subscribers.values():
+                    subscriber.out.send(frame)
+                    dirty[subscriber.id] = subscriber
+                topic.delivered += len(subscribers)
+                self.counters.delivered += len(subscribers)
+            kind = Kind.TOPIC
+        else:
+            queue = self._queues.get(request.topic) or self._queue(request.topic)
+            queue.published += 1
+            kind = Kind.QUEUE
+        batch = self._appends or self._new_append_batch()
+        batch.items.append(
+            Append(kind, request.topic, StoredMessage(message_id, request.payload, now))
+        )
+        batch.waiters.append(_PublishWaiter(session, session.out.reserve(), request.id))
+        self.counters.published += 1
+
+    def _on_subscribe(self, session: Session, request: Subscribe, now: float) -> None:
+        key = (request.mode, request.topic)
+        if key in session.subs:
+            what = "queue" if request.mode is Mode.QUEUE else "topic"
+            self._reject(
+                session,
+                ErrorCode.ALREADY_SUBSCRIBED,
+                f"this connection is already subscribed to {what} {request.topic!r}",
+                request.id,
+            )
+            return
+        if request.mode is Mode.QUEUE:
+            queue = self._queue(request.topic)
+            self._next_consumer += 1
+            consumer = QueueConsumer(
+                session,
+                queue,
+                f"{session.id}.{self._next_consumer}",
+                request.ack,
+                request.prefetch,
+                delivery_prefix(request.topic, Mode.QUEUE),
+            )
+            queue.add(consumer)
+            session.subs[key] = consumer
+            session.out.send(_subscribed(request))
+            self._to_dispatch[queue.name] = queue
+            return
+        topic = self._topic(request.topic)
+        if request.durable is None:
+            session.subs[key] = PlainSub(session, topic)
+            topic.subscribers[session.id] = session
+            session.out.send(_subscribed(request))
+            return
+        if request.durable in topic.durables:
+            self._reject(
+                session,
+                ErrorCode.DURABLE_IN_USE,
+                f"durable subscription {request.durable!r} on topic {request.topic!r} is "
+                "attached to another connection",
+                request.id,
+            )
+            return
+        sub = DurableSub(
+            session,
+            topic,
+            request.durable,
+            request.ack,
+            request.prefetch,
+            delivery_prefix(request.topic, Mode.PUBSUB, request.durable),
+        )
+        topic.durables[request.durable] = sub
+        session.subs[key] = sub
+        slot = session.out.reserve()
+        self._call(
+            "open_cursor",
+            lambda store: store.open_cursor(topic.name, sub.name),
+            lambda position: self._cursor_opened(sub, slot, request, position),
+            lambda exc: self._cursor_failed(sub, slot, request),
+        )
+
+    def _on_unsubscribe(self, session: Session, request: Unsubscribe, now: float) -> None:
+        key = (request.mode, request.topic)
+        sub = session.subs.get(key)
+        if request.durable is not None:
+            self._forget_durable(session, request, sub)
+            return
+        if sub is None:
+            what = "queue" if request.mode is Mode.QUEUE else "topic"
+            self._reject(
+                session,
+                ErrorCode.NOT_SUBSCRIBED,
+                f"this connection is not subscribed to {what} {request.topic!r}",
+                request.id,
+            )
+            return
+        del session.subs[key]
+        self._end(sub)
+        session.out.send(_unsubscribed(request))
+
+    def _forget_durable(
+        self, session: Session, request: Unsubscribe, sub: Subscription | None
+    ) -> None:
+        assert request.durable is not None
+        name = request.durable
+        topic = self._topic(request.topic)
+        attached = topic.durables.get(name)
+        if attached is not None:
+            if attached.session is not session:
+                self._reject(
+                    session,
+                    ErrorCode.DURABLE_IN_USE,
+                    f"durable subscription {name!r} is attached to another connection",
+                    request.id,
+                )
+                return
+            del session.subs[(Mode.PUBSUB, request.topic)]
+            self._end(attached, commit=False)
+        elif sub is not None:
+            # A plain subscription on this topic: end it too, as asked.
+            del session.subs[(Mode.PUBSUB, request.topic)]
+            self._end(sub)
+        slot = session.out.reserve()
+
+        def deleted(found: bool) -> None:
+            if found or attached is not None or sub is not None:
+                self._fill(session, slot, _unsubscribed(request))
+            else:
+                self._fill(
+                    session,
+                    slot,
+                    encode_error(
+                        ErrorCode.NOT_SUBSCRIBED,
+                        f"there is no durable subscription {name!r} on topic {request.topic!r}",
+                        request.id,
+                    ),
+                )
+
+        self._call(
+            "delete_cursor",
+            lambda store: store.delete_cursor(request.topic, name),
+            deleted,
+            lambda exc: self._fill(
+                session, slot, _storage_error(request.id, "the durable cursor was not deleted")
+            ),
+        )
+
+    def _on_ack(self, session: Session, request: Ack, now: float) -> None:
+        self._settle(session, request.message_id, Outcome.ACK, request.id)
+
+    def _on_nack(self, session: Session, request: Nack, now: float) -> None:
+        self.counters.nacked += 1
+        outcome = Outcome.REQUEUE if request.requeue else Outcome.DEAD
+        self._settle(session, request.message_id, outcome, request.id)
+
+    def _settle(self, session: Session, message_id: str, outcome: Outcome, rid: JsonScalar) -> None:
+        holder = session.outstanding.pop(message_id, None)
+        if holder is None:
+            self._reject(
+                session,
+                ErrorCode.UNKNOWN_MESSAGE,
+                f"message {message_id!r} is not awaiting an ack on this connection "
+                "(unknown, already settled, or taken back after its ack deadline)",
+                rid,
+                message_id,
+            )
+            return
+        if type(holder) is QueueConsumer:
+            holder.in_flight -= 1
+            queue = holder.queue
+            if outcome is Outcome.ACK:
+                queue.acked += 1
+                self.counters.acked += 1
+            self._to_dispatch[queue.name] = queue
+            batch = self._settles or self._new_settle_batch()
+            batch.items.append(Settle(queue.name, message_id, holder.consumer_id, outcome))
+            batch.waiters.append(_SettleWaiter(session, session.out.reserve(), rid))
+            return
+        assert type(holder) is DurableSub
+        position = holder.unacked.pop(message_id)
+        if outcome is Outcome.REQUEUE:
+            holder.unacked[message_id] = position
+            holder.redeliver.append(position)
+            holder.attempts[position] = holder.attempts.get(position, 1) + 1
+            self._to_pump[id(holder)] = holder
+        else:
+            holder.attempts.pop(position, None)
+            if outcome is Outcome.ACK:
+                self.counters.acked += 1
+            self._to_pump[id(holder)] = holder
+        holder.ack_waiters.append((session.out.reserve(), rid, message_id))
+        self._to_commit[id(holder)] = holder
+
+    def _on_status(self, session: Session, request: Status, now: float) -> None:
+        slot = session.out.reserve()
+        self._call(
+            "stats",
+            lambda store: store.stats(),
+            lambda stats: self._fill(session, slot, self._status(stats, request.id, now)),
+            lambda exc: self._fill(
+                session, slot, _storage_error(request.id, "the store could not report its state")
+            ),
+        )
+
+    # ------------------------------------------------------------------
+    # Queues
+
+    def _queue(self, name: str) -> QueueState:
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = QueueState(name)
+        return queue
+
+    def _dispatch(self, queue: QueueState) -> None:
+        """Claim ready messages for every consumer of ``queue`` that has credit."""
+        consumers = queue.consumers
+        if not queue.maybe_ready or not consumers or self.stopping:
+            return
+        if len(consumers) == 1:
+            consumer = consumers[0]
+            credit = min(consumer.credit, _MAX_CLAIM_SLOTS)
+            if credit <= 0:
+                return
+            consumer.reserved += credit
+            self._claim(queue, consumer.ack, (consumer.consumer_id,) * credit)
+            return
+        credits = [consumer.credit for consumer in consumers]
+        total = min(sum(c for c in credits if c > 0), _MAX_CLAIM_SLOTS)
+        if total <= 0:
+            return
+        count = len(consumers)
+        auto: list[str] = []
+        manual: list[str] = []
+        index = queue.next_consumer % count
+        while total:
+            if credits[index] > 0:
+                consumer = consumers[index]
+                credits[index] -= 1
+                consumer.reserved += 1
+                (auto if consumer.ack is AckMode.AUTO else manual).append(consumer.consumer_id)
+                total -= 1
+            index = (index + 1) % count
+        if auto:
+            self._claim(queue, AckMode.AUTO, tuple(auto))
+        if manual:
+            self._claim(queue, AckMode.MANUAL, tuple(manual))
+
+    def _claim(self, queue: QueueState, ack: AckMode, slots: tuple[str, ...]) -> None:
+        batch = self._claims or self._new_claim_batch()
+        auto = ack is AckMode.AUTO
+        deadline = None
+        if not auto and self._ack_timeout is not None:
+            # The store compares deadlines with the ``now`` of reclaim(); both come
+            # from the server's wall clock.
+            deadline = self._now_hint + self._ack_timeout
+        batch.claims.append(Claim(queue.name, slots, auto, deadline))
+        batch.queues.append((queue, queue.ready_generation))
+
+    def _claimed(self, batch: _ClaimBatch, results: list[list[Delivery]]) -> None:
+        dirty = self._dirty
+        counters = self.counters
+        for claim, (queue, generation), deliveries in zip(
+            batch.claims, batch.queues, results, strict=True
+        ):
+            by_id = queue.by_id
+            for consumer_id in claim.consumers:
+                consumer = by_id.get(consumer_id)
+                if consumer is not None:
+                    consumer.reserved -= 1
+            for delivery in deliveries:
+                consumer = by_id.get(delivery.consumer)
+                if consumer is None:
+                    # Its consumer left after the claim was made; the release that
+                    # followed the claim has already made the message ready again.
+                    continue
+                session = consumer.session
+                session.out.send(
+                    encode_delivery(
+                        consumer.prefix, delivery.payload, delivery.message_id, delivery.attempt
+                    )
+                )
+                dirty[session.id] = session
+                consumer.in_flight += 1
+                if not claim.auto_ack:
+                    session.outstanding[delivery.message_id] = consumer
+            if deliveries and len(queue.consumers) > 1:
+                # Round-robin resumes after the consumer that got the last message, not
+                # after the last slot offered (most slots of a claim go unfilled).
+                last = by_id.get(deliveries[-1].consumer)
+                if last is not None:
+                    queue.next_consumer = (queue.consumers.index(last) + 1) % len(queue.consumers)
+            queue.delivered += len(deliveries)
+            counters.delivered += len(deliveries)
+            if len(deliveries) < len(claim.consumers) and generation == queue.ready_generation:
+                queue.maybe_ready = False
+            self._to_dispatch[queue.name] = queue
+
+    def _claim_failed(self, batch: _ClaimBatch) -> None:
+        for claim, (queue, _generation) in zip(batch.claims, batch.queues, strict=True):
+            for consumer_id in claim.consumers:
+                consumer = queue.by_id.get(consumer_id)
+                if consumer is not None:
+                    consumer.reserved -= 1
+
+    def _settled(self, batch: _SettleBatch, results: list[Settled]) -> None:
+        for item, waiter, result in zip(batch.items, batch.waiters, results, strict=True):
+            if not result.found:
+                frame = encode_error(
+                    ErrorCode.UNKNOWN_MESSAGE,
+                    f"message {item.message_id!r} was no longer held by this consumer",
+                    waiter.rid,
+                    item.message_id,
+                )
+            elif result.failure is not None:
+                frame = encode_error(
+                    ErrorCode(result.failure.value),
+                    f"the {item.outcome.value} was not recorded: {_STORE_TEXT[result.failure]}",
+                    waiter.rid,
+                    item.message_id,
+                )
+            else:
+                frame = encode_ack(waiter.rid, item.message_id)
+                if item.outcome is Outcome.REQUEUE:
+                    self._mark_ready(item.queue)
+                elif item.outcome is Outcome.DEAD:
+                    self._mark_ready(dead_letter_queue(item.queue))
+            self._fill(waiter.session, waiter.slot, frame)
+
+    def _mark_ready(self, name: str) -> None:
+        queue = self._queue(name)
+        queue.mark_ready()
+        self._to_dispatch[name] = queue
+
+    def _released(self, queue: QueueState, count: int) -> None:
+        if count:
+            self._mark_ready(queue.name)
+
+    def _reclaimed(self, reclaimed: list[Reclaimed]) -> None:
+        for item in reclaimed:
+            queue = self._queues.get(item.queue)
+            if queue is None:
+                continue
+            consumer = queue.by_id.get(item.consumer)
+            if consumer is not None:
+                session = consumer.session
+                if session.outstanding.get(item.message_id) is consumer:
+                    del session.outstanding[item.message_id]
+                    consumer.in_flight -= 1
+                log.warning(
+                    "session %d (%s): message %s on queue %r was not settled within %.0f s; "
+                    "delivering it again",
+                    session.id,
+                    session.peer,
+                    item.message_id,
+                    item.queue,
+                    self._ack_timeout,
+                )
+            self._mark_ready(item.queue)
+
+    # ------------------------------------------------------------------
+    # Topics and durable subscriptions
+
+    def _topic(self, name: str) -> TopicState:
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self._topics[name] = TopicState(name, delivery_prefix(name, Mode.PUBSUB))
+        return topic
+
+    def _appended(self, batch: _AppendBatch, results: list[Appended]) -> None:
+        dirty = self._dirty
+        for item, waiter, result in zip(batch.items, batch.waiters, results, strict=True):
+            session = waiter.session
+            failure = result.failure
+            if failure is None:
+                frame = encode_ack(waiter.rid, item.message.message_id)
+                if item.kind is Kind.QUEUE:
+                    queue = self._queues[item.name]
+                    queue.maybe_ready = True
+                    queue.ready_generation += 1
+                    self._to_dispatch[item.name] = queue
+                else:
+                    topic = self._topics[item.name]
+                    if result.position >= topic.end:
+                        topic.end = result.position + 1
+                    if topic.durables:
+                        self._deliver_live(topic, item.message, result.position)
+            else:
+                self.counters.rejected += 1
+                self.counters.errors += 1
+                detail = f" ({result.detail})" if result.detail else ""
+                frame = encode_error(
+                    ErrorCode(failure.value), _STORE_TEXT[failure] + detail, waiter.rid
+                )
+            if not session.closed:
+                session.out.fill(waiter.slot, frame)
+                dirty[session.id] = session
+
+    def _append_failed(self, batch: _AppendBatch) -> None:
+        for waiter in batch.waiters:
+            self._fill(
+                waiter.session,
+                waiter.slot,
+                _storage_error(waiter.rid, "the message was not stored"),
+            )
+
+    def _deliver_live(self, topic: TopicState, message: StoredMessage, position: int) -> None:
+        for sub in topic.durables.values():
+            if not sub.attached or sub.reading:
+                continue
+            if sub.next_position == position and sub.credit > 0:
+                self._deliver_durable(sub, position, message.message_id, message.payload)
+                sub.next_position = position + 1
+            elif sub.next_position < position:
+                self._to_pump[id(sub)] = sub
+
+    def _deliver_durable(
+        self, sub: DurableSub, position: int, message_id: str, payload: bytes
+    ) -> None:
+        session = sub.session
+        attempt = sub.attempts.get(position, 1)
+        session.out.send(encode_delivery(sub.prefix, payload, message_id, attempt))
+        self._dirty[session.id] = session
+        sub.topic.delivered += 1
+        self.counters.delivered += 1
+        if sub.ack is AckMode.MANUAL:
+            sub.unacked[message_id] = position
+            session.outstanding[message_id] = sub
+        else:
+            sub.unflushed += 1
+        self._to_commit[id(sub)] = sub
+
+    def _cursor_opened(
+        self, sub: DurableSub, slot: Slot, request: Subscribe, position: int
+    ) -> None:
+        if not sub.active:
+            return
+        sub.attached = True
+        sub.next_position = sub.committed = position
+        self._fill(sub.session, slot, _subscribed(request))
+        self._to_pump[id(sub)] = sub
+
+    def _cursor_failed(self, sub: DurableSub, slot: Slot, request: Subscribe) -> None:
+        if sub.active:
+            del sub.session.subs[(Mode.PUBSUB, request.topic)]
+            self._end(sub, commit=False)
+        self._fill(
+            sub.session, slot, _storage_error(request.id, "the durable cursor could not be opened")
+        )
+
+    def _pump(self, sub: DurableSub) -> None:
+        """Deliver what a durable subscriber is owed, reading the log if it is behind."""
+        if not sub.active or not sub.attached or sub.reading:
+            return
+        if sub.redeliver:
+            # A nacked message still counts against the prefetch: no credit needed.
+            sub.redeliver.sort()
+            self._read(sub, sub.redeliver.pop(0), 1, redelivery=True)
+            return
+        credit = sub.credit
+        if credit > 0 and sub.next_position < sub.topic.end:
+            self._read(sub, sub.next_position, min(credit, _MAX_READ), redelivery=False)
+
+    def _read(self, sub: DurableSub, position: int, limit: int, *, redelivery: bool) -> None:
+        sub.reading = True
+        self._call(
+            "read",
+            lambda store: store.read(sub.topic.name, position, limit),
+            lambda result: self._read_done(sub, position, result, redelivery),
+            lambda exc: self._read_failed(sub),
+        )
+
+    def _read_done(
+        self, sub: DurableSub, position: int, result: TopicRead, redelivery: bool
+    ) -> None:
+        sub.reading = False
+        if not sub.active:
+            return
+        topic = sub.topic
+        if result.end > topic.end:
+            topic.end = result.end
+        if redelivery:
+            message = result.messages[0] if result.messages else None
+            if message is None or message.position != position:
+                # Trimmed by retention before it could be delivered again.
+                for message_id, held in list(sub.unacked.items()):
+                    if held == position:
+                        del sub.unacked[message_id]
+                        sub.session.outstanding.pop(message_id, None)
+                sub.attempts.pop(position, None)
+                self._to_commit[id(sub)] = sub
+            else:
+                sub.unacked.pop(message.message_id, None)
+                self._deliver_durable(sub, position, message.message_id, message.payload)
+            self._to_pump[id(sub)] = sub
+            return
+        if result.first > sub.next_position:
+            log.warning(
+                "durable subscription %r on topic %r skipped %d messages that retention "
+                "removed before it read them",
+                sub.name,
+                topic.name,
+                result.first - sub.next_position,
+            )
+            sub.next_position = result.first
+            self._to_commit[id(sub)] = sub
+        for message in result.messages:
+            if message.position < sub.next_position:
+                continue
+            if message.position > sub.next_position or sub.credit <= 0:
+                break
+            self._deliver_durable(sub, message.position, message.message_id, message.payload)
+            sub.next_position = message.position + 1
+        self._to_pump[id(sub)] = sub
+
+    def _read_failed(self, sub: DurableSub) -> None:
+        sub.reading = False
+        log.error(
+            "durable subscription %r on topic %r: reading the log failed", sub.name, sub.topic.name
+        )
+
+    def _commit_cursors(self) -> None:
+        subs = self._to_commit
+        self._to_commit = {}
+        batch = _CursorBatch()
+        for sub in subs.values():
+            floor = sub.floor
+            if floor == sub.committed and not sub.ack_waiters:
+                continue
+            batch.commits.append(CursorCommit(sub.topic.name, sub.name, floor))
+            batch.subs.append(sub)
+            batch.waiters.append(sub.ack_waiters)
+            sub.ack_waiters = []
+            sub.committed = floor
+        if batch.commits:
+            self._call(
+                "commit_cursors",
+                lambda store: store.commit_cursors(batch.commits),
+                lambda results: self._cursors_committed(batch, results),
+                lambda exc: self._cursors_committed(
+                    batch, [StoreFailure.STORAGE_ERROR] * len(batch.commits)
+                ),
+            )
+
+    def _cursors_committed(self, batch: _CursorBatch, results: list[StoreFailure | None]) -> None:
+        for sub, waiters, failure in zip(batch.subs, batch.waiters, results, strict=True):
+            session = sub.session
+            for slot, rid, message_id in waiters:
+                if failure is None:
+                    frame = encode_ack(rid, message_id)
+                else:
+                    frame = encode_error(
+                        ErrorCode(failure.value),
+                        f"the ack was not recorded: {_STORE_TEXT[failure]}",
+                        rid,
+                        message_id,
+                    )
+                self._fill(session, slot, frame)
+
+    # ------------------------------------------------------------------
+    # Ending subscriptions
+
+    def _end(self, sub: Subscription, *, commit: bool = True) -> None:
+        """Tear down ``sub`` (already removed from its session's ``subs``)."""
+        session = sub.session
+        if type(sub) is PlainSub:
+            sub.topic.subscribers.pop(session.id, None)
+        elif type(sub) is QueueConsumer:
+            sub.active = False
+            queue = sub.queue
+            queue.remove(sub)
+            for message_id, holder in list(session.outstanding.items()):
+                if holder is sub:
+                    del session.outstanding[message_id]
+            self._call(
+                "release",
+                lambda store: store.release(queue.name, sub.consumer_id),
+                lambda count: self._released(queue, count),
+                lambda exc: self._released(queue, 1),
+            )
+        else:
+            assert type(sub) is DurableSub
+            sub.active = False
+            sub.topic.durables.pop(sub.name, None)
+            for message_id in sub.unacked:
+                session.outstanding.pop(message_id, None)
+            if commit and sub.attached:
+                self._to_commit[id(sub)] = sub
+            else:
+                self._to_commit.pop(id(sub), None)
+
+    # ------------------------------------------------------------------
+    # Status
+
+    def _status(self, stats: StoreStats, rid: JsonScalar, now: float) -> bytes:
+        queues: dict[str, dict[str, Any]] = {}
+        for name, queue_stats in sorted(stats.queues.items()):
+            queue = self._queues.get(name)
+            queues[name] = {
+                "depth": queue_stats.ready,
+                "unacked": queue_stats.in_flight,
+                "consumers": len(queue.consumers) if queue else 0,
+                "bytes": queue_stats.bytes,
+                "published": queue.published if queue else 0,
+                "delivered": queue.delivered if queue else 0,
+                "acked": queue.acked if queue else 0,
+            }
+        topics: dict[str, dict[str, Any]] = {}
+        names = sorted(set(stats.topics) | {n for n, t in self._topics.items() if t.subscribers})
+        for name in names:
+            topic_stats = stats.topics.get(name)
+            topic = self._topics.get(name)
+            durable: dict[str, dict[str, Any]] = {}
+            end = topic_stats.end if topic_stats else 0
+            if topic_stats is not None:
+                for cursor, position in sorted(topic_stats.cursors.items()):
+                    attached = topic.durables.get(cursor) if topic else None
+                    durable[cursor] = {
+                        "online": attached is not None,
+                        "position": position,
+                        "pending": max(0, end - position),
+                    }
+            topics[name] = {
+                "subscribers": len(topic.subscribers) if topic else 0,
+                "durable": durable,
+                "retained": topic_stats.retained if topic_stats else 0,
+                "bytes": topic_stats.bytes if topic_stats else 0,
+                "published": topic.published if topic else 0,
+                "delivered": topic.delivered if topic else 0,
+            }
+        reply: dict[str, Any] = {"type": "status"}
+        if rid is not None:
+            reply["id"] = rid
+        counters = self.counters
+        reply.update(
+            {
+                **self._info,
+                "uptime": round(now - self._started, 3),
+                "connections": len(self._sessions),
+                "read_only": stats.read_only.value if stats.read_only else None,
+                "rates": self.rates.as_dict(),
+                "totals": {
+                    "published": counters.published,
+                    "delivered": counters.delivered,
+                    "acked": counters.acked,
+                    "nacked": counters.nacked,
+                    "rejected": counters.rejected,
+                    "errors": counters.errors,
+                    "connections": counters.connections,
+                },
+                "queues": queues,
+                "topics": topics,
+            }
+        )
+        return encode_reply(reply)
+
+    # ------------------------------------------------------------------
+    # Helpers
+
+    def _reject(
+        self,
+        session: Session,
+        code: ErrorCode,
+        text: str,
+        rid: JsonScalar,
+        message_id: str | None = None,
+    ) -> None:
+        self.counters.errors += 1
+        session.out.send(encode_error(code, text, rid, message_id))
+
+    def _fill(self, session: Session, slot: Slot, frame: bytes) -> None:
+        if not session.closed:
+            session.out.fill(slot, frame)
+            self._dirty[session.id] = session
+
+    def _call(
+        self,
+        name: str,
+        run: Callable[[Store], Any],
+        done: Callable[[Any], None],
+        failed: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._calls.append(StoreCall(name, run, done, failed or _log_failure(name)))
+
+    # Each batch becomes one store call when its first item arrives; later items of the
+    # same loop iteration join it, and _flush_pending closes it.
+
+    def _new_append_batch(self) -> _AppendBatch:
+        batch = self._appends = _AppendBatch()
+        self._call(
+            "append",
+            lambda store: store.append(batch.items),
+            lambda results: self._appended(batch, results),
+            lambda exc: self._append_failed(batch),
+        )
+        return batch
+
+    def _new_claim_batch(self) -> _ClaimBatch:
+        batch = self._claims = _ClaimBatch()
+        self._call(
+            "claim",
+            lambda store: store.claim(batch.claims),
+            lambda results: self._claimed(batch, results),
+            lambda exc: self._claim_failed(batch),
+        )
+        return batch
+
+    def _new_settle_batch(self) -> _SettleBatch:
+        batch = self._settles = _SettleBatch()
+        self._call(
+            "settle",
+            lambda store: store.settle(batch.items),
+            lambda results: self._settled(batch, results),
+            lambda exc: self._settle_failed(batch),
+        )
+        return batch
+
+    def _settle_failed(self, batch: _SettleBatch) -> None:
+        for item, waiter in zip(batch.items, batch.waiters, strict=True):
+            self._fill(
+                waiter.session,
+                waiter.slot,
+                _storage_error(waiter.rid, f"the {item.outcome.value} was not recorded"),
+            )
+
+
+def _log_failure(name: str) -> Callable[[BaseException], None]:
+    def failed(exc: BaseException) -> None:
+        log.error("store call %s failed: %r", name, exc)
+
+    return failed
+
+
+def _subscribed(request: Subscribe) -> bytes:
+    reply: dict[str, Any] = {"type": "ack"}
+    if request.id is not None:
+        reply["id"] = request.id
+    reply["topic"] = request.topic
+    reply["mode"] = request.mode.value
+    if request.durable is not None:
+        reply["durable"] = request.durable
+    return encode_reply(reply)
+
+
+def _unsubscribed(request: Unsubscribe) -> bytes:
+    return _subscribed(
+        Subscribe(request.topic, request.mode, durable=request.durable, id=request.id)
+    )
+
+
+def _storage_error(rid: JsonScalar, what: str) -> bytes:
+    return encode_error(ErrorCode.STORAGE_ERROR, f"{what}: the store failed", rid)
+
+
+# One handler per request type: adding an action to the protocol means one entry here
+# (and a frame and a parser in msg.protocol).
+_HANDLERS: Final[Mapping[type, _Handler]] = {
+    Publish: Router._on_publish,
+    Subscribe: Router._on_subscribe,
+    Unsubscribe: Router._on_unsubscribe,
+    Ack: Router._on_ack,
+    Nack: Router._on_nack,
+    Ping: Router._on_ping,
+    Status: Router._on_status,
+    RequestError: Router._on_error,
+}

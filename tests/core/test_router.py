@@ -1,0 +1,360 @@
+"""The broker core, driven with requests and a real memory store; no loop, no sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from msg.persistence import StoreFailure
+from tests.core.harness import Harness
+
+
+def publish(topic: str, message: Any, mode: str = "pubsub", **extra: Any) -> dict[str, Any]:
+    return {"action": "publish", "topic": topic, "message": message, "mode": mode, **extra}
+
+
+def subscribe(topic: str, mode: str = "pubsub", **extra: Any) -> dict[str, Any]:
+    return {"action": "subscribe", "topic": topic, "mode": mode, **extra}
+
+
+@pytest.fixture
+def h() -> Harness:
+    return Harness()
+
+
+# ---------------------------------------------------------------------------
+# pub/sub
+
+
+def test_publish_is_acked_with_a_message_id_and_delivered_to_the_subscriber(h: Harness) -> None:
+    sub, pub = h.connect(), h.connect()
+    assert h.send(sub, subscribe("news")) == [{"type": "ack", "topic": "news", "mode": "pubsub"}]
+    assert h.take(sub) == []
+    [ack] = h.send(pub, publish("news", {"hello": "world"}, id=7))
+    assert ack["type"] == "ack"
+    assert ack["id"] == 7
+    assert h.take(sub) == [
+        {
+            "type": "message",
+            "topic": "news",
+            "mode": "pubsub",
+            "message": {"hello": "world"},
+            "message_id": ack["message_id"],
+        }
+    ]
+
+
+def test_every_subscriber_gets_every_message_in_publish_order(h: Harness) -> None:
+    subs = [h.connect() for _ in range(3)]
+    for sub in subs:
+        h.send(sub, subscribe("t"))
+        h.take(sub)
+    pub = h.connect()
+    h.send(pub, *(publish("t", n) for n in range(50)))
+    for sub in subs:
+        assert [m["message"] for m in h.messages(sub)] == list(range(50))
+
+
+def test_a_subscriber_gets_only_messages_published_after_its_subscribe(h: Harness) -> None:
+    pub, sub = h.connect(), h.connect()
+    h.send(pub, publish("t", "before"))
+    h.send(sub, subscribe("t"))
+    h.send(pub, publish("t", "after"))
+    assert [m["message"] for m in h.messages(sub)] == ["after"]
+
+
+def test_topics_and_queues_with_the_same_name_are_separate(h: Harness) -> None:
+    topic_sub, queue_sub, pub = h.connect(), h.connect(), h.connect()
+    h.send(topic_sub, subscribe("x"))
+    h.send(queue_sub, subscribe("x", "queue"))
+    h.send(pub, publish("x", "to-topic"), publish("x", "to-queue", "queue"))
+    assert [m["message"] for m in h.messages(topic_sub)] == ["to-topic"]
+    assert [m["message"] for m in h.messages(queue_sub)] == ["to-queue"]
+
+
+def test_unsubscribe_stops_deliveries(h: Harness) -> None:
+    sub, pub = h.connect(), h.connect()
+    h.send(sub, subscribe("t"))
+    assert h.send(sub, {"action": "unsubscribe", "topic": "t"})[-1]["type"] == "ack"
+    h.send(pub, publish("t", 1))
+    assert h.messages(sub) == []
+
+
+def test_subscribing_twice_and_unsubscribing_unknown_are_errors(h: Harness) -> None:
+    s = h.connect()
+    h.send(s, subscribe("t"))
+    [error] = h.send(s, subscribe("t"))
+    assert error["code"] == "already_subscribed"
+    [error] = h.send(s, {"action": "unsubscribe", "topic": "other"})
+    assert error["code"] == "not_subscribed"
+
+
+# ---------------------------------------------------------------------------
+# replies and ordering
+
+
+def test_replies_come_in_request_order_even_when_storage_answers_later(h: Harness) -> None:
+    s = h.connect()
+    frames = h.send(
+        s, publish("t", 1, id="a"), {"action": "ping", "id": "b"}, publish("q", 2, "queue", id="c")
+    )
+    assert [f.get("id") for f in frames] == ["a", "b", "c"]
+    assert [f["type"] for f in frames] == ["ack", "pong", "ack"]
+
+
+def test_the_subscribe_ack_precedes_the_first_message(h: Harness) -> None:
+    pub, s = h.connect(), h.connect()
+    h.send(pub, publish("jobs", "waiting", "queue"))
+    frames = h.exchange(s, subscribe("jobs", "queue", id=1))
+    assert [f["type"] for f in frames] == ["ack", "message"]
+
+
+def test_errors_leave_the_connection_usable(h: Harness) -> None:
+    s = h.connect()
+    frames = h.send(
+        s,
+        {"action": "frobnicate"},
+        {"action": "publish", "topic": ""},
+        {"action": "ack", "message_id": "nope"},
+        {"action": "ping"},
+    )
+    assert [f.get("code") for f in frames] == [
+        "unknown_action",
+        "invalid_topic",
+        "unknown_message",
+        None,
+    ]
+    assert frames[-1] == {"type": "pong"}
+
+
+# ---------------------------------------------------------------------------
+# queues
+
+
+def test_queue_messages_wait_for_a_consumer_and_arrive_in_order(h: Harness) -> None:
+    pub = h.connect()
+    h.send(pub, *(publish("jobs", n, "queue") for n in range(10)))
+    consumer = h.connect()
+    h.send(consumer, subscribe("jobs", "queue"))
+    assert [m["message"] for m in h.messages(consumer)] == list(range(10))
+
+
+def test_each_queue_message_goes_to_exactly_one_consumer_round_robin(h: Harness) -> None:
+    consumers = [h.connect() for _ in range(4)]
+    for c in consumers:
+        h.send(c, subscribe("jobs", "queue"))
+        h.take(c)
+    pub = h.connect()
+    for n in range(40):
+        h.send(pub, publish("jobs", n, "queue"))
+    got = [[m["message"] for m in h.messages(c)] for c in consumers]
+    assert sorted(n for g in got for n in g) == list(range(40))
+    assert [len(g) for g in got] == [10, 10, 10, 10]
+    for g in got:
+        assert g == sorted(g)
+
+
+def test_manual_ack_respects_prefetch(h: Harness) -> None:
+    pub, c = h.connect(), h.connect()
+    h.send(pub, *(publish("jobs", n, "queue") for n in range(5)))
+    h.send(c, subscribe("jobs", "queue", ack="manual", prefetch=2))
+    first = h.messages(c)
+    assert [m["message"] for m in first] == [0, 1]
+    [ack] = h.send(c, {"action": "ack", "message_id": first[0]["message_id"], "id": "x"})
+    assert ack == {"type": "ack", "id": "x", "message_id": first[0]["message_id"]}
+    assert [m["message"] for m in h.messages(c)] == [2]
+
+
+def test_acking_twice_or_from_another_connection_is_unknown_message(h: Harness) -> None:
+    pub, c, other = h.connect(), h.connect(), h.connect()
+    h.send(pub, publish("jobs", 1, "queue"))
+    h.send(c, subscribe("jobs", "queue", ack="manual"))
+    [m] = h.messages(c)
+    [error] = h.send(other, {"action": "ack", "message_id": m["message_id"]})
+    assert error["code"] == "unknown_message"
+    assert error["message_id"] == m["message_id"]
+    assert h.send(c, {"action": "ack", "message_id": m["message_id"]})[0]["type"] == "ack"
+    [error] = h.send(c, {"action": "ack", "message_id": m["message_id"]})
+    assert error["code"] == "unknown_message"
+
+
+def test_nack_requeue_redelivers_to_another_consumer_marked_redelivered(h: Harness) -> None:
+    a, b, pub = h.connect(), h.connect(), h.connect()
+    h.send(a, subscribe("jobs", "queue", ack="manual", prefetch=1))
+    h.send(b, subscribe("jobs", "queue", ack="manual", prefetch=1))
+    h.take(a), h.take(b)
+    h.send(pub, publish("jobs", "only", "queue"))
+    got_a, got_b = h.messages(a), h.messages(b)
+    [first] = got_a + got_b
+    holder, other = (a, b) if got_a else (b, a)
+    h.send(holder, {"action": "nack", "message_id": first["message_id"], "requeue": True})
+    [again] = h.messages(other)
+    assert again["message_id"] == first["message_id"]
+    assert again["redelivered"] is True
+    assert again["attempt"] == 2
+
+
+def test_unacked_messages_of_a_disconnected_consumer_are_redelivered(h: Harness) -> None:
+    a, pub = h.connect(), h.connect()
+    h.send(a, subscribe("jobs", "queue", ack="manual"))
+    h.send(pub, *(publish("jobs", n, "queue") for n in range(3)))
+    delivered = h.messages(a)
+    h.send(a, {"action": "ack", "message_id": delivered[0]["message_id"]})
+    h.disconnect(a)
+    b = h.connect()
+    h.send(b, subscribe("jobs", "queue", ack="manual"))
+    again = h.messages(b)
+    assert [m["message"] for m in again] == [1, 2]
+    assert all(m["redelivered"] for m in again)
+
+
+def test_nack_without_requeue_dead_letters_the_message(h: Harness) -> None:
+    c, pub = h.connect(), h.connect()
+    h.send(c, subscribe("jobs", "queue", ack="manual"))
+    h.send(pub, publish("jobs", "poison", "queue"))
+    [m] = h.messages(c)
+    assert (
+        h.send(c, {"action": "nack", "message_id": m["message_id"], "requeue": False})[0]["type"]
+        == "ack"
+    )
+    dead = h.connect()
+    h.send(dead, subscribe("$dead.jobs", "queue"))
+    [d] = h.messages(dead)
+    assert d["message"] == "poison"
+    assert d["topic"] == "$dead.jobs"
+    assert h.messages(c) == []
+
+
+def test_auto_ack_consumer_that_stops_reading_stops_receiving(h: Harness) -> None:
+    c, other, pub = h.connect(), h.connect(), h.connect()
+    h.stalled.add(c)
+    h.send(c, subscribe("jobs", "queue", prefetch=5))
+    h.send(pub, *(publish("jobs", n, "queue") for n in range(20)))
+    assert len(h.messages(c)) == 5
+    h.send(other, subscribe("jobs", "queue"))
+    assert [m["message"] for m in h.messages(other)] == list(range(5, 20))
+
+
+def test_unsettled_deliveries_are_taken_back_after_the_ack_timeout() -> None:
+    h = Harness(ack_timeout=30.0)
+    a, b, pub = h.connect(), h.connect(), h.connect()
+    h.send(a, subscribe("jobs", "queue", ack="manual"))
+    h.send(pub, publish("jobs", "slow", "queue"))
+    [m] = h.messages(a)
+    h.send(b, subscribe("jobs", "queue", ack="manual"))
+    h.tick(10)
+    assert h.messages(b) == []
+    h.tick(25)
+    [again] = h.messages(b)
+    assert again["message_id"] == m["message_id"]
+    assert again["attempt"] == 2
+    [late] = h.send(a, {"action": "ack", "message_id": m["message_id"]})
+    assert late["code"] == "unknown_message"
+
+
+def test_publishes_are_refused_while_storage_is_read_only(h: Harness) -> None:
+    s = h.connect()
+    h.router.read_only = StoreFailure.STORAGE_ERROR
+    [error] = h.send(s, publish("t", 1, id=3))
+    assert error["code"] == "storage_error"
+    assert error["id"] == 3
+    h.router.read_only = None
+    assert h.send(s, publish("t", 1))[0]["type"] == "ack"
+
+
+# ---------------------------------------------------------------------------
+# durable subscriptions
+
+
+def test_durable_subscriber_gets_what_was_published_while_it_was_away(h: Harness) -> None:
+    pub = h.connect()
+    s1 = h.connect()
+    h.send(s1, subscribe("news", durable="svc"))
+    h.send(pub, publish("news", 1))
+    assert [m["message"] for m in h.messages(s1)] == [1]
+    h.disconnect(s1)
+    h.send(pub, *(publish("news", n) for n in (2, 3, 4)))
+    s2 = h.connect()
+    frames = h.exchange(s2, subscribe("news", durable="svc"))
+    assert frames[0]["type"] == "ack"
+    assert frames[0]["durable"] == "svc"
+    assert [m["message"] for m in frames[1:]] == [2, 3, 4]
+    assert all(m["durable"] == "svc" for m in frames[1:])
+    h.send(pub, publish("news", 5))
+    assert [m["message"] for m in h.messages(s2)] == [5]
+
+
+def test_a_new_durable_starts_at_the_end_of_the_log(h: Harness) -> None:
+    pub, s = h.connect(), h.connect()
+    h.send(pub, publish("news", "old"))
+    h.send(s, subscribe("news", durable="fresh"))
+    h.send(pub, publish("news", "new"))
+    assert [m["message"] for m in h.messages(s)] == ["new"]
+
+
+def test_a_durable_name_can_be_attached_once(h: Harness) -> None:
+    a, b = h.connect(), h.connect()
+    h.send(a, subscribe("news", durable="svc"))
+    [error] = h.send(b, subscribe("news", durable="svc"))
+    assert error["code"] == "durable_in_use"
+
+
+def test_durable_manual_ack_redelivers_unacked_on_return(h: Harness) -> None:
+    pub, s1 = h.connect(), h.connect()
+    h.send(s1, subscribe("news", durable="svc", ack="manual", prefetch=10))
+    h.send(pub, *(publish("news", n) for n in range(3)))
+    got = h.messages(s1)
+    h.send(s1, {"action": "ack", "message_id": got[0]["message_id"]})
+    h.disconnect(s1)
+    s2 = h.connect()
+    h.send(s2, subscribe("news", durable="svc", ack="manual"))
+    assert [m["message"] for m in h.messages(s2)] == [1, 2]
+
+
+def test_durable_nack_requeue_delivers_again(h: Harness) -> None:
+    pub, s = h.connect(), h.connect()
+    h.send(s, subscribe("news", durable="svc", ack="manual", prefetch=1))
+    h.send(pub, publish("news", "x"))
+    [m] = h.messages(s)
+    h.send(s, {"action": "nack", "message_id": m["message_id"]})
+    [again] = h.messages(s)
+    assert again["message_id"] == m["message_id"]
+    assert again["attempt"] == 2
+
+
+def test_unsubscribe_with_durable_forgets_the_cursor(h: Harness) -> None:
+    pub, s = h.connect(), h.connect()
+    h.send(s, subscribe("news", durable="svc"))
+    [ack] = h.send(s, {"action": "unsubscribe", "topic": "news", "durable": "svc"})
+    assert ack["type"] == "ack"
+    h.send(pub, publish("news", "while-forgotten"))
+    h.send(s, subscribe("news", durable="svc"))
+    h.take(s)
+    h.send(pub, publish("news", "later"))
+    assert [m["message"] for m in h.messages(s)] == ["later"]
+    [error] = h.send(pub, {"action": "unsubscribe", "topic": "news", "durable": "nobody"})
+    assert error["code"] == "not_subscribed"
+
+
+# ---------------------------------------------------------------------------
+# status
+
+
+def test_status_reports_queues_topics_connections_and_rates(h: Harness) -> None:
+    pub, c, s = h.connect(), h.connect(), h.connect()
+    h.send(s, subscribe("news"))
+    h.send(c, subscribe("jobs", "queue", ack="manual", prefetch=1))
+    h.send(pub, *(publish("jobs", n, "queue") for n in range(3)), publish("news", "x"))
+    h.tick(1)
+    [status] = h.send(pub, {"action": "status", "id": "s"})
+    assert status["type"] == "status"
+    assert status["id"] == "s"
+    assert status["connections"] == 3
+    assert status["queues"]["jobs"]["depth"] == 2
+    assert status["queues"]["jobs"]["unacked"] == 1
+    assert status["queues"]["jobs"]["consumers"] == 1
+    assert status["topics"]["news"]["subscribers"] == 1
+    assert status["totals"]["published"] == 4
+    assert set(status["rates"]) == {"published_per_s", "delivered_per_s", "acked_per_s"}
+    assert status["uptime"] >= 1

@@ -1,0 +1,121 @@
+"""Restarts, graceful and not: what was acked survives, what was consumed stays gone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from msg.testing import BrokerProcess
+from tests.integration.raw import Raw
+
+
+def publish(topic: str, message: Any, mode: str = "pubsub") -> dict[str, Any]:
+    return {"action": "publish", "topic": topic, "message": message, "mode": mode}
+
+
+async def drain_queue(port: int, queue: str, count: int) -> list[dict[str, Any]]:
+    client = await Raw.connect(port)
+    await client.send({"action": "subscribe", "topic": queue, "mode": "queue", "ack": "manual"})
+    assert (await client.recv())["type"] == "ack"
+    messages = []
+    for _ in range(count):
+        frame = await client.recv()
+        assert frame["type"] == "message"
+        messages.append(frame)
+        await client.send({"action": "ack", "message_id": frame["message_id"]})
+    for _ in range(count):
+        assert (await client.recv())["type"] == "ack"
+    await client.close()
+    return messages
+
+
+@pytest.mark.parametrize("fsync", ["always", "everysec", "never"])
+async def test_sigkill_right_after_the_acks_loses_nothing(data_dir: Path, fsync: str) -> None:
+    broker = BrokerProcess(data_dir, args=["--fsync", fsync])
+    broker.start()
+    try:
+        durable = await Raw.connect(broker.port)
+        await durable.request({"action": "subscribe", "topic": "news", "durable": "d"})
+        await durable.close()
+        publisher = await Raw.connect(broker.port)
+        count = 2000
+        await publisher.send(
+            *(publish("jobs", n, "queue") for n in range(count)),
+            *(publish("news", n) for n in range(count)),
+        )
+        acks = await publisher.recv_n(2 * count)
+        assert all(a["type"] == "ack" for a in acks)
+        broker.kill()
+        await publisher.close()
+
+        broker.start()
+        messages = await drain_queue(broker.port, "jobs", count)
+        assert [m["message"] for m in messages] == list(range(count))
+        assert [m["message_id"] for m in messages] == [a["message_id"] for a in acks[:count]]
+
+        returning = await Raw.connect(broker.port)
+        await returning.send({"action": "subscribe", "topic": "news", "durable": "d"})
+        assert (await returning.recv())["type"] == "ack"
+        backlog = await returning.recv_n(count)
+        assert [m["message"] for m in backlog] == list(range(count))
+        await returning.close()
+    finally:
+        broker.kill()
+
+
+async def test_acked_messages_are_not_delivered_again_after_sigkill(data_dir: Path) -> None:
+    broker = BrokerProcess(data_dir)
+    broker.start()
+    try:
+        publisher = await Raw.connect(broker.port)
+        await publisher.send(*(publish("jobs", n, "queue") for n in range(10)))
+        await publisher.recv_n(10)
+        done = await drain_queue(broker.port, "jobs", 4)  # acks 0-3, each reply received
+        assert [m["message"] for m in done] == [0, 1, 2, 3]
+        broker.kill()
+        await publisher.close()
+        broker.start()
+        rest = await drain_queue(broker.port, "jobs", 6)
+        assert [m["message"] for m in rest] == [4, 5, 6, 7, 8, 9]
+        status_client = await Raw.connect(broker.port)
+        status = await status_client.request({"action": "status"})
+        assert status["queues"]["jobs"]["depth"] == 0
+        await status_client.close()
+    finally:
+        broker.kill()
+
+
+@pytest.mark.parametrize("how", ["stop", "interrupt"])
+async def test_graceful_shutdown_exits_zero_and_keeps_unacked_messages(
+    data_dir: Path, how: str
+) -> None:
+    broker = BrokerProcess(data_dir)
+    broker.start()
+    publisher = await Raw.connect(broker.port)
+    await publisher.send(*(publish("jobs", n, "queue") for n in range(5)))
+    await publisher.recv_n(5)
+    consumer = await Raw.connect(broker.port)
+    await consumer.send({"action": "subscribe", "topic": "jobs", "mode": "queue", "ack": "manual"})
+    await consumer.recv_n(6)  # the ack and five messages, none acked
+    status = broker.stop() if how == "stop" else broker.interrupt()
+    assert status == 0
+    assert any("stopped" in line for line in broker.log_lines)
+    await publisher.close()
+    await consumer.close()
+    broker.start()
+    try:
+        messages = await drain_queue(broker.port, "jobs", 5)
+        assert [m["message"] for m in messages] == [0, 1, 2, 3, 4]
+    finally:
+        broker.stop()
+
+
+async def test_a_second_broker_cannot_use_the_same_data_dir(data_dir: Path) -> None:
+    with BrokerProcess(data_dir):
+        second = BrokerProcess(data_dir, start_timeout=10)
+        with pytest.raises(Exception, match="never matched"):
+            second.start()
+        assert second.process is not None
+        assert second.process.wait(10) != 0
