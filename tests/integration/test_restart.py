@@ -16,17 +16,24 @@ def publish(topic: str, message: Any, mode: str = "pubsub") -> dict[str, Any]:
 
 
 async def drain_queue(port: int, queue: str, count: int) -> list[dict[str, Any]]:
+    """Consume and ack ``count`` messages; anything delivered beyond them stays unacked."""
     client = await Raw.connect(port)
-    await client.send({"action": "subscribe", "topic": queue, "mode": "queue", "ack": "manual"})
+    await client.send(
+        {"action": "subscribe", "topic": queue, "mode": "queue", "ack": "manual", "prefetch": count}
+    )
     assert (await client.recv())["type"] == "ack"
     messages = []
-    for _ in range(count):
+    acked = 0
+    while len(messages) < count or acked < count:
         frame = await client.recv()
-        assert frame["type"] == "message"
-        messages.append(frame)
-        await client.send({"action": "ack", "message_id": frame["message_id"]})
-    for _ in range(count):
-        assert (await client.recv())["type"] == "ack"
+        if frame["type"] == "message":
+            if len(messages) == count:
+                continue
+            messages.append(frame)
+            await client.send({"action": "ack", "message_id": frame["message_id"]})
+        else:
+            assert frame == {"type": "ack", "message_id": frame["message_id"]}
+            acked += 1
     await client.close()
     return messages
 
