@@ -201,6 +201,8 @@ class Delivery:
     published_at: float
     attempt: int
     """1 on the first delivery, then counting redeliveries."""
+    reason: str | None = None
+    """Messages of a ``$dead.`` queue: why the consumer rejected it (``Settle.reason``)."""
 
 
 @dataclass(frozen=True, slots=True)

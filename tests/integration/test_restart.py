@@ -22,7 +22,7 @@ async def drain_queue(port: int, queue: str, count: int) -> list[dict[str, Any]]
         {"action": "subscribe", "topic": queue, "mode": "queue", "ack": "manual", "prefetch": count}
     )
     assert (await client.recv())["type"] == "ack"
-    messages = []
+    messages: list[dict[str, Any]] = []
     acked = 0
     while len(messages) < count or acked < count:
         frame = await client.recv()

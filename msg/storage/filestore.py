@@ -1,0 +1,1217 @@
+"""The default store: per-queue and per-topic append-only logs of JSON lines.
+
+Theory of operation
+-------------------
+Layout of the data directory::
+
+    LOCK                                 flock: one broker per data directory
+    queues/<encoded name>/meta.json      {"v":1,"kind":"queue","name":"<true name>"}
+    queues/<encoded name>/<20 digits>.log   segments, oldest first
+    topics/<encoded name>/meta.json, <20 digits>.log, cursors.log
+    lost+found/                          directories whose meta.json was unreadable
+
+Names are encoded by :mod:`msg.storage.filenames`; records are described in
+:mod:`msg.storage.records`. A segment's number is the first position in it (topics)
+or, for queues, a number no sequence number assigned before the segment was created
+reaches, so numbers only grow and a restart never reuses a sequence number. Every
+file operation goes through the :class:`~msg.storage.fs.FileSystem` passed as ``fs``
+(the seam for fault injection). The delivery state lives in the shared
+:class:`~msg.storage.index.Index`, as in the memory store; this module adds the log
+that makes each change durable, and the recovery that rebuilds the index from it.
+
+Writing. Every operation builds its records as bytes, does one write per file for
+the whole call, and registers a callback with the :class:`~.commit.GroupCommit`.
+The index changes take effect in that callback, once the write is durable under
+the fsync policy: appended messages only then become claimable (until then they
+are PENDING; topic reads stop at the last durable position), a settle only then
+removes or requeues its message (meanwhile SETTLING, which ``release`` and
+``reclaim`` leave alone). A write that fails with ENOSPC/EDQUOT is cut off and its
+items fail with ``storage_full``; the store keeps going. Any other write error, or
+any sync error, fails the items with ``storage_error`` and turns the store
+read-only for good: it cannot vouch for what is on disk.
+
+Fsync policies: ALWAYS waits for the group commit before any result; EVERYSEC
+returns after the write and :meth:`FileStore.maintain` syncs once a second; NEVER
+syncs only in :meth:`FileStore.close` (maintenance then deletes copied segments
+without syncing the copies first: that policy accepts losing data on power loss).
+
+What is written: queues get ``pub`` records, ``ack``/``dead``/``req`` when
+settled, ``con`` for auto_ack claims. A dead letter is written in two steps: its
+copy in ``$dead.<queue>`` is durable before the ``dead`` record that removes it
+from its queue, so a crash between them may duplicate it but never loses it.
+Claims without auto_ack write nothing: in-flight state is volatile, and after a
+restart every unsettled message is ready again (its attempt count is the one last
+written: by a requeue or a compaction copy). Topics get ``pub`` records only;
+durable cursors go to ``cursors.log``.
+
+Segments and reclaiming space (in :meth:`FileStore.maintain`, never on the hot
+path). A log writes to its newest segment and starts a new one once that reaches
+``segment_bytes``. A queue segment counts its live messages (not yet acked,
+consumed or dead-lettered); the *oldest* segment is deleted when its count is
+zero. Only the oldest, because an ``ack`` in a later segment may refer to a message
+in an older one: deleting from the middle could bring acked messages back at the
+next replay. When the oldest segment is mostly dead (at most one live message in
+:data:`COMPACT_LIVE_RATIO`), its live messages are copied (same id, sequence number
+and attempt) to the newest segment, made durable, and the old file is deleted.
+Replay keeps the newest copy of a sequence number, so a crash between copy and
+delete is harmless. Topic retention drops whole oldest segments, while the rest
+still meets every limit (count, bytes) or once all of a segment is older than
+``max_age``; the granularity of retention is therefore one segment, and at least
+the configured limit is kept.
+
+Reading topics. Topic payloads stay on disk. Each segment keeps a sparse index
+(:mod:`msg.storage.segments`); a read bisects to the segment and the mark, and
+reads forward. Queue payloads are held in memory (the index needs them to deliver).
+
+Recovery (:meth:`FileStore.open`, on the storage thread; see :mod:`.logs`). Every
+segment is read and checked. A torn tail of a log's newest file is cut off with one
+WARNING; corrupt records elsewhere are skipped with one ERROR each, and the records
+around them survive. A directory whose ``meta.json`` cannot be read is moved to
+``lost+found`` (or removed, if it holds no records: a creation cut short).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import errno
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Final
+
+from msg.errors import StorageError
+from msg.persistence import (
+    Append,
+    Appended,
+    Capabilities,
+    Claim,
+    CursorCommit,
+    Delivery,
+    FsyncPolicy,
+    Kind,
+    Outcome,
+    Reclaimed,
+    Recovery,
+    Retention,
+    Settle,
+    Settled,
+    StoreFailure,
+    StoreStats,
+    TopicMessage,
+    TopicRead,
+)
+from msg.storage import records
+from msg.storage.commit import GroupCommit
+from msg.storage.filenames import encode_name, segment_file_name
+from msg.storage.fs import FileSystem
+from msg.storage.index import (
+    DEAD_LETTER_PREFIX,
+    Entry,
+    Index,
+    State,
+    delivery,
+)
+from msg.storage.logs import CURSORS, Counts, Log, QueueLog, TopicLog, recover_queue, recover_topic
+from msg.storage.segments import SPARSE_INDEX_BYTES, LogFile, Segment, read_topic_segment
+
+__all__ = ["COMPACT_LIVE_RATIO", "DEFAULT_SEGMENT_BYTES", "FileStore"]
+
+logger = logging.getLogger(__name__)
+
+# 16 MiB: small enough that a drained queue gives its space back soon and a segment
+# is read at start-up in a few milliseconds, large enough that a busy log rolls only
+# every few seconds. (Kafka's 1 GiB suits few large logs; msg has many small ones.)
+DEFAULT_SEGMENT_BYTES: Final = 16 * 1024 * 1024
+# Compact the oldest queue segment when at most 1 in 10 of its messages is live:
+# copying 10% of a segment to free all of it bounds the extra writes at about 11%.
+COMPACT_LIVE_RATIO: Final = 10
+# Rewrite cursors.log once it holds this many records and four times the live
+# cursors: a few hundred KiB of replay at most, rewritten rarely.
+CURSOR_COMPACT_RECORDS: Final = 4096
+# EVERYSEC: Redis's appendfsync everysec interval.
+EVERYSEC_INTERVAL: Final = 1.0
+
+_QUEUES: Final = "queues"
+_TOPICS: Final = "topics"
+_LOST: Final = "lost+found"
+_META: Final = "meta.json"
+_LOCK: Final = "LOCK"
+_TMP: Final = ".tmp"
+_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DEFAULT_RETENTION: Final = Retention()
+_NOT_FOUND: Final = Settled(found=False)
+_MOVABLE: Final = frozenset({State.READY, State.IN_FLIGHT})
+
+
+@dataclass(slots=True, eq=False)
+class _QueueBatch:
+    log: QueueLog
+    segment: Segment
+    first: int
+    parts: list[bytes] = field(default_factory=list)
+    staged: list[tuple[int, Entry]] = field(default_factory=list)
+    dups: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class _TopicBatch:
+    log: TopicLog
+    segment: Segment
+    first: int
+    parts: list[bytes] = field(default_factory=list)
+    # (item index, message id, record length, payload length, published_at)
+    staged: list[tuple[int, str, int, int, float]] = field(default_factory=list)
+    dups: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class _Settling:
+    index: int
+    log: QueueLog
+    entry: Entry
+    outcome: Outcome
+    reason: str | None
+    copy: tuple[QueueLog, Entry] | None = None
+    failed: bool = False
+
+
+class FileStore:
+    """Queues and topics in append-only JSON-lines logs; see the module docstring."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        fsync: FsyncPolicy = FsyncPolicy.ALWAYS,
+        retention: Retention = _DEFAULT_RETENTION,
+        max_queue_messages: int | None = None,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        fs: FileSystem | None = None,
+    ) -> None:
+        if segment_bytes <= 0:
+            raise ValueError(f"segment_bytes must be positive, not {segment_bytes}")
+        self._root = os.path.abspath(os.fspath(data_dir))
+        self._policy = fsync
+        self._retention = retention
+        self._segment_bytes = segment_bytes
+        self._fs = fs if fs is not None else FileSystem()
+        self._index = Index(max_queue_messages)
+        self._queues: dict[str, QueueLog] = {}
+        self._topics: dict[str, TopicLog] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._commit: GroupCommit | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock_fd: int | None = None
+        self._read_only: str | None = None
+        self._full = False
+        self._closed = False
+        self._last_sync: float | None = None
+        self._maintaining = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(durable=True)
+
+    @property
+    def data_dir(self) -> str:
+        return self._root
+
+    async def open(self) -> Recovery:
+        if self._executor is not None or self._closed:
+            raise StorageError("the store was already opened")
+        loop = asyncio.get_running_loop()
+        # One thread: syncs must not overlap (a later round must not finish first),
+        # and recovery runs there too so the event loop stays responsive.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msg-storage")
+        started = time.perf_counter()
+        try:
+            recovery = await loop.run_in_executor(self._executor, self._recover)
+        except BaseException:
+            # Also when cancelled: let the recovery thread finish before closing its files.
+            self._executor.shutdown(wait=True)
+            self._release_files()
+            self._closed = True
+            raise
+        self._loop = loop
+        self._commit = GroupCommit(self._fs, self._policy, loop, self._executor, self._sync_failed)
+        logger.info(
+            "opened %s: %d queues (%d ready messages), %d topics in %.3f s",
+            self._root,
+            len(recovery.queues),
+            sum(recovery.queues.values()),
+            len(recovery.topics),
+            time.perf_counter() - started,
+        )
+        return recovery
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        commit = self._commit
+        if commit is not None:
+            if commit.failure is None:
+                try:
+                    await commit.sync_now()
+                except OSError:
+                    # Already logged and made the store read-only (see _sync_failed).
+                    logger.debug("final sync of %s failed", self._root)
+            await commit.drain()
+        self._release_files()
+        if commit is not None:
+            commit.close_all()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def _release_files(self) -> None:
+        fs = self._fs
+        for log in [*self._queues.values(), *self._topics.values()]:
+            for segment in log.segments:
+                if segment.file is not None:
+                    _close_quietly(fs, segment.file.fd)
+                    segment.file = None
+            if isinstance(log, TopicLog) and log.cursors is not None:
+                _close_quietly(fs, log.cursors.fd)
+                log.cursors = None
+        if self._lock_fd is not None:
+            fs.unlock(self._lock_fd)
+            self._lock_fd = None
+
+    def _ready(self) -> GroupCommit:
+        commit = self._commit
+        if commit is None or self._closed:
+            raise StorageError("the store is not open")
+        return commit
+
+    def writable(self) -> StoreFailure | None:
+        return None if self._read_only is None else StoreFailure.STORAGE_ERROR
+
+    def _set_read_only(self, why: str) -> None:
+        if self._read_only is None:
+            self._read_only = why
+            logger.error("storage error in %s: %s; the store is now read-only", self._root, why)
+
+    def _sync_failed(self, error: OSError) -> None:
+        self._set_read_only(f"fsync failed: {error}")
+
+    # -- writing ---------------------------------------------------------------------
+
+    def _write(self, segment: Segment | LogFile, data: bytes) -> StoreFailure | None:
+        """Append ``data`` to a segment or log file: None, or why it failed (logged)."""
+        if self._read_only is not None:
+            return StoreFailure.STORAGE_ERROR
+        file = segment if isinstance(segment, LogFile) else segment.file
+        assert file is not None, "only the active segment is written"
+        try:
+            file.append(data)
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS and not file.damaged:
+                if not self._full:
+                    self._full = True
+                    logger.error("storage full: cannot write to %s: %s", file.path, exc.strerror)
+                return StoreFailure.STORAGE_FULL
+            self._set_read_only(f"write to {file.path} failed: {exc}")
+            return StoreFailure.STORAGE_ERROR
+        if self._full:
+            self._full = False
+            logger.info("storage has room again: wrote to %s", file.path)
+        if isinstance(segment, Segment):
+            segment.size = file.size
+        self._ready().wrote(file.fd)
+        return None
+
+    def _active(self, log: Log, next_number: int) -> Segment:
+        """The segment to write to, after rolling to a new one if this one is full."""
+        segment = log.active
+        if segment.size < self._segment_bytes:
+            return segment
+        # If rolling fails, keep writing to the full segment: it only grows past the
+        # target size.
+        return self._roll(log, next_number) or segment
+
+    def _roll(self, log: Log, next_number: int) -> Segment | None:
+        """Start a new active segment; None if its file cannot be created (logged)."""
+        segment = log.active
+        number = max(next_number, segment.number + 1)
+        path = os.path.join(log.dir, segment_file_name(number))
+        try:
+            file = LogFile.open(self._fs, path)
+        except OSError as exc:
+            logger.error("cannot start segment %s: %s", path, exc)
+            return None
+        commit = self._ready()
+        commit.changed_dir(log.dir)
+        old = segment.file
+        if old is not None:
+            segment.size = old.size
+            commit.close_fd(old.fd)
+            segment.file = None
+        fresh = Segment(number, path, size=file.size, file=file)
+        log.add(fresh)
+        return fresh
+
+    def _create_log(self, kind: Kind, name: str) -> QueueLog | TopicLog:
+        """Make the directory, meta.json and first segment of a new queue or topic."""
+        fs = self._fs
+        commit = self._ready()
+        base = os.path.join(self._root, _QUEUES if kind is Kind.QUEUE else _TOPICS)
+        directory = os.path.join(base, encode_name(name))
+        fs.makedirs(directory)
+        meta = os.path.join(directory, _META)
+        fs.write_file(meta + _TMP, records.meta_bytes(kind.value, name))
+        fs.rename(meta + _TMP, meta)
+        path = os.path.join(directory, segment_file_name(0))
+        file = LogFile.open(fs, path)
+        if file.size:
+            file.truncate(0)  # left by an earlier attempt that failed half-way
+        commit.created(meta)
+        commit.changed_dir(directory)
+        commit.changed_dir(base)
+        segments = [Segment(0, path, file=file)]
+        if kind is Kind.QUEUE:
+            queue = QueueLog(name, directory, segments, self._index.queue(name))
+            self._queues[name] = queue
+            return queue
+        topic = TopicLog(name, directory, segments, self._index.topic(name))
+        self._topics[name] = topic
+        return topic
+
+    def _queue_log(self, name: str) -> QueueLog:
+        log = self._queues.get(name)
+        if log is None:
+            created = self._create_log(Kind.QUEUE, name)
+            assert isinstance(created, QueueLog)
+            log = created
+        return log
+
+    def _topic_log(self, name: str) -> TopicLog:
+        log = self._topics.get(name)
+        if log is None:
+            created = self._create_log(Kind.TOPIC, name)
+            assert isinstance(created, TopicLog)
+            log = created
+        return log
+
+    def _create_failed(self, name: str, exc: OSError) -> Appended:
+        if exc.errno in _FULL_ERRNOS:
+            if not self._full:
+                self._full = True
+                logger.error("storage full: cannot create the log of %r: %s", name, exc.strerror)
+            return Appended(failure=StoreFailure.STORAGE_FULL, detail="no space to create the log")
+        self._set_read_only(f"cannot create the log of {name!r}: {exc}")
+        return Appended(failure=StoreFailure.STORAGE_ERROR, detail=f"cannot create the log: {exc}")
+
+    # -- append ----------------------------------------------------------------------
+
+    async def append(self, items: Sequence[Append]) -> list[Appended]:
+        commit = self._ready()
+        if self._read_only is not None:
+            failed = Appended(failure=StoreFailure.STORAGE_ERROR, detail=self._read_only)
+            return [failed] * len(items)
+        results: list[Appended] = [_PLACEHOLDER] * len(items)
+        queue_batches: dict[str, _QueueBatch] = {}
+        topic_batches: dict[str, _TopicBatch] = {}
+        for i, item in enumerate(items):
+            message = item.message
+            if item.kind is Kind.QUEUE:
+                qbatch = queue_batches.get(item.name)
+                if qbatch is None:
+                    try:
+                        qlog = self._queue_log(item.name)
+                    except OSError as exc:
+                        results[i] = self._create_failed(item.name, exc)
+                        continue
+                    next_seq = qlog.index.next_seq
+                    qbatch = _QueueBatch(qlog, self._active(qlog, next_seq), next_seq)
+                    queue_batches[item.name] = qbatch
+                entry = qbatch.log.index.offer(message)
+                if entry is None:
+                    results[i] = Appended(failure=StoreFailure.QUEUE_FULL, detail=_full(item.name))
+                    continue
+                if isinstance(entry, int):
+                    results[i] = Appended(entry)
+                    if entry >= qbatch.first:
+                        qbatch.dups.append(i)
+                    continue
+                entry.segment = qbatch.segment.number
+                qbatch.parts.extend(
+                    records.pub_parts(
+                        entry.seq, message.message_id, message.published_at, message.payload
+                    )
+                )
+                qbatch.staged.append((i, entry))
+                results[i] = Appended(entry.seq)
+            else:
+                tbatch = topic_batches.get(item.name)
+                if tbatch is None:
+                    try:
+                        tlog = self._topic_log(item.name)
+                    except OSError as exc:
+                        results[i] = self._create_failed(item.name, exc)
+                        continue
+                    next_position = tlog.index.next_position
+                    tbatch = _TopicBatch(tlog, self._active(tlog, next_position), next_position)
+                    topic_batches[item.name] = tbatch
+                topic = tbatch.log.index
+                known = topic.recent.get(message.message_id)
+                if known is not None:
+                    results[i] = Appended(known)
+                    if known >= tbatch.first:
+                        tbatch.dups.append(i)
+                    continue
+                position = topic.next_position
+                topic.next_position = position + 1
+                topic.recent.add(message.message_id, position)
+                head, payload, tail = records.pub_parts(
+                    position, message.message_id, message.published_at, message.payload
+                )
+                tbatch.parts += (head, payload, tail)
+                tbatch.staged.append(
+                    (
+                        i,
+                        message.message_id,
+                        len(head) + len(payload) + len(tail),
+                        len(message.payload),
+                        message.published_at,
+                    )
+                )
+                results[i] = Appended(position)
+
+        written_queues = [
+            b for b in queue_batches.values() if b.staged and self._write_queue(b, results)
+        ]
+        written_topics = [
+            b for b in topic_batches.values() if b.staged and self._write_topic(b, results)
+        ]
+        future: asyncio.Future[list[Appended]] = self._running_loop().create_future()
+
+        def finish(error: OSError | None) -> None:
+            if error is None:
+                for qbatch in written_queues:
+                    commit_entry = qbatch.log.index.commit
+                    for _, entry in qbatch.staged:
+                        commit_entry(entry)
+                for tbatch in written_topics:
+                    topic = tbatch.log.index
+                    topic.end = max(topic.end, tbatch.first + len(tbatch.staged))
+                    topic.bytes += sum(item[3] for item in tbatch.staged)
+            else:
+                for qbatch in written_queues:
+                    queue = qbatch.log.index
+                    for _, entry in reversed(qbatch.staged):
+                        queue.discard(entry)
+                    qbatch.segment.live -= len(qbatch.staged)
+                failed = Appended(
+                    failure=StoreFailure.STORAGE_ERROR, detail=f"sync failed: {error}"
+                )
+                for i, result in enumerate(results):
+                    if result.failure is None:
+                        results[i] = failed
+            _set_result(future, results)
+
+        commit.after_durable(finish)
+        return await future
+
+    def _write_queue(self, batch: _QueueBatch, results: list[Appended]) -> bool:
+        failure = self._write(batch.segment, b"".join(batch.parts))
+        if failure is None:
+            count = len(batch.staged)
+            batch.segment.live += count
+            batch.segment.pubs += count
+            return True
+        queue = batch.log.index
+        failed = Appended(failure=failure, detail=_write_detail(failure))
+        for i, entry in reversed(batch.staged):
+            queue.discard(entry)
+            results[i] = failed
+        for i in batch.dups:
+            results[i] = failed
+        return False
+
+    def _write_topic(self, batch: _TopicBatch, results: list[Appended]) -> bool:
+        segment = batch.segment
+        offset = segment.size
+        failure = self._write(segment, b"".join(batch.parts))
+        log = batch.log
+        if failure is None:
+            position = batch.first
+            marks = segment.marks
+            offsets = segment.mark_offsets
+            unmarked = segment.unmarked
+            newest = segment.newest
+            payload_bytes = 0
+            for _, _, length, payload_length, published_at in batch.staged:
+                if unmarked >= SPARSE_INDEX_BYTES:
+                    marks.append(position)
+                    offsets.append(offset)
+                    unmarked = 0
+                unmarked += length
+                offset += length
+                position += 1
+                payload_bytes += payload_length
+                if published_at > newest:
+                    newest = published_at
+            segment.unmarked = unmarked
+            segment.newest = newest
+            count = len(batch.staged)
+            segment.count += count
+            segment.bytes += payload_bytes
+            log.count += count
+            log.bytes += payload_bytes
+            return True
+        topic = log.index
+        topic.next_position = batch.first
+        failed = Appended(failure=failure, detail=_write_detail(failure))
+        for i, message_id, *_ in batch.staged:
+            topic.recent.discard(message_id)
+            results[i] = failed
+        for i in batch.dups:
+            results[i] = failed
+        return False
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    # -- claim, release, reclaim -----------------------------------------------------
+
+    async def claim(self, claims: Sequence[Claim]) -> list[list[Delivery]]:
+        self._ready()
+        index = self._index
+        out: list[list[Delivery]] = []
+        consumed: dict[str, list[Entry]] = {}
+        for claim in claims:
+            entries = index.claim(claim)
+            out.append([delivery(claim.queue, entry) for entry in entries])
+            if claim.auto_ack and entries:
+                consumed.setdefault(claim.queue, []).extend(entries)
+        for name, entries in consumed.items():
+            self._write_consumed(self._queues[name], entries)
+        return out
+
+    def _write_consumed(self, log: QueueLog, entries: list[Entry]) -> None:
+        """Log auto_ack deliveries; their durability is not waited for (at-most-once)."""
+        by_number = log.by_number
+        for entry in entries:
+            by_number[entry.segment].live -= 1
+        if self._read_only is not None:
+            return
+        segment = self._active(log, log.index.next_seq)
+        self._write(segment, b"".join([records.consume_record(entry.seq) for entry in entries]))
+
+    async def release(self, queue: str, consumer: str) -> int:
+        self._ready()
+        return self._index.release(queue, consumer)
+
+    async def reclaim(self, now: float) -> list[Reclaimed]:
+        self._ready()
+        return self._index.reclaim(now)
+
+    # -- settle ----------------------------------------------------------------------
+
+    async def settle(self, items: Sequence[Settle]) -> list[Settled]:
+        commit = self._ready()
+        results: list[Settled] = [_NOT_FOUND] * len(items)
+        work: list[_Settling] = []
+        for i, item in enumerate(items):
+            log = self._queues.get(item.queue)
+            if log is None:
+                continue
+            entry = log.index.begin_settle(item.message_id, item.consumer)
+            if entry is None:
+                continue
+            if self._read_only is not None:
+                self._index.abort_settle(log.index, entry)
+                results[i] = Settled(found=True, failure=StoreFailure.STORAGE_ERROR)
+                continue
+            work.append(_Settling(i, log, entry, item.outcome, item.reason))
+        if not work:
+            return results
+        future: asyncio.Future[list[Settled]] = self._running_loop().create_future()
+        if any(w.outcome is Outcome.DEAD for w in work):
+            # Two steps: the copy in the dead-letter queue is durable before the
+            # record that removes the message here, so a crash between them can
+            # duplicate a dead letter but never lose it.
+            self._copy_dead_letters([w for w in work if w.outcome is Outcome.DEAD], results)
+            commit.after_durable(lambda error: self._settle_records(work, results, future, error))
+        else:
+            self._settle_records(work, results, future, None)
+        return await future
+
+    def _copy_dead_letters(self, dead: list[_Settling], results: list[Settled]) -> None:
+        batches: dict[str, _QueueBatch] = {}
+        members: dict[str, list[_Settling]] = {}
+        for w in dead:
+            name = DEAD_LETTER_PREFIX + w.log.name
+            batch = batches.get(name)
+            if batch is None:
+                try:
+                    log = self._queue_log(name)
+                except OSError as exc:
+                    failure = self._create_failed(name, exc).failure
+                    assert failure is not None
+                    self._fail_settles([w], results, failure)
+                    continue
+                next_seq = log.index.next_seq
+                batch = batches[name] = _QueueBatch(log, self._active(log, next_seq), next_seq)
+                members[name] = []
+            queue = batch.log.index
+            if w.entry.message_id in queue.entries:
+                continue  # already there (a duplicate publish that was rejected twice)
+            if queue.full():
+                self._fail_settles([w], results, StoreFailure.QUEUE_FULL)
+                continue
+            copy = queue.stage_dead_letter(w.entry, w.reason)
+            copy.segment = batch.segment.number
+            batch.parts.extend(
+                records.pub_parts(
+                    copy.seq, copy.message_id, copy.published_at, copy.payload, 0, w.reason
+                )
+            )
+            batch.staged.append((w.index, copy))
+            w.copy = (batch.log, copy)
+            members[name].append(w)
+        for name, batch in batches.items():
+            if not batch.staged:
+                continue
+            failure = self._write(batch.segment, b"".join(batch.parts))
+            if failure is None:
+                batch.segment.live += len(batch.staged)
+                batch.segment.pubs += len(batch.staged)
+            else:
+                for w in members[name]:
+                    copy_log, copy = w.copy  # type: ignore[misc]
+                    copy_log.index.discard(copy)
+                    w.copy = None
+                self._fail_settles(members[name], results, failure)
+
+    def _settle_records(
+        self,
+        work: list[_Settling],
+        results: list[Settled],
+        future: asyncio.Future[list[Settled]],
+        error: OSError | None,
+    ) -> None:
+        """Step two of a settle: log the outcomes in the queues' own logs."""
+        live = [w for w in work if not w.failed]
+        if error is not None:
+            self._fail_settles(live, results, StoreFailure.STORAGE_ERROR)
+            _set_settled(future, results)
+            return
+        by_log: dict[str, tuple[QueueLog, list[bytes], list[_Settling]]] = {}
+        for w in live:
+            entry = w.entry
+            if w.outcome is Outcome.ACK:
+                record = records.ack_record(entry.seq)
+            elif w.outcome is Outcome.REQUEUE:
+                record = records.requeue_record(entry.seq, entry.attempt)
+            else:
+                record = records.dead_record(entry.seq)
+            group = by_log.get(w.log.name)
+            if group is None:
+                group = by_log[w.log.name] = (w.log, [], [])
+            group[1].append(record)
+            group[2].append(w)
+        done: list[_Settling] = []
+        for log, parts, members in by_log.values():
+            if self._read_only is not None:
+                self._fail_settles(members, results, StoreFailure.STORAGE_ERROR)
+                continue
+            failure = self._write(self._active(log, log.index.next_seq), b"".join(parts))
+            if failure is None:
+                done.extend(members)
+            else:
+                self._fail_settles(members, results, failure)
+        if not done:
+            _set_settled(future, results)
+            return
+        self._ready().after_durable(lambda error: self._settle_done(done, results, future, error))
+
+    def _settle_done(
+        self,
+        done: list[_Settling],
+        results: list[Settled],
+        future: asyncio.Future[list[Settled]],
+        error: OSError | None,
+    ) -> None:
+        if error is not None:
+            self._fail_settles(done, results, StoreFailure.STORAGE_ERROR)
+        else:
+            found = Settled(found=True)
+            for w in done:
+                entry = w.entry
+                w.log.index.finish_settle(entry, w.outcome)
+                if w.outcome is not Outcome.REQUEUE:
+                    w.log.by_number[entry.segment].live -= 1
+                if w.copy is not None:
+                    copy_log, copy = w.copy
+                    copy_log.index.commit(copy)
+                results[w.index] = found
+        _set_settled(future, results)
+
+    def _fail_settles(
+        self, work: list[_Settling], results: list[Settled], failure: StoreFailure
+    ) -> None:
+        failed = Settled(found=True, failure=failure)
+        for w in work:
+            w.failed = True
+            self._index.abort_settle(w.log.index, w.entry)
+            if w.copy is not None:
+                copy_log, copy = w.copy
+                copy_log.by_number[copy.segment].live -= 1
+                copy_log.index.discard(copy)
+                w.copy = None
+            results[w.index] = failed
+
+    # -- topics: read and cursors ----------------------------------------------------
+
+    async def read(self, topic: str, position: int, limit: int) -> TopicRead:
+        self._ready()
+        log = self._topics.get(topic)
+        if log is None:
+            return TopicRead((), 0, 0)
+        index = log.index
+        first, end = index.first, index.end
+        start = max(position, first)
+        out: list[TopicMessage] = []
+        if limit > 0 and start < end:
+            at = max(bisect.bisect_right(log.numbers, start) - 1, 0)
+            try:
+                for segment in log.segments[at:]:
+                    read_topic_segment(self._fs, segment, start, end, limit, out)
+                    if len(out) >= limit or segment.number >= end:
+                        break
+            except OSError as exc:
+                logger.error("reading topic %r failed: %s", topic, exc)
+                raise StorageError(f"cannot read topic {topic!r}: {exc}") from exc
+        return TopicRead(tuple(out), first, end)
+
+    def _write_cursor_records(self, log: TopicLog, data: bytes, count: int) -> StoreFailure | None:
+        if self._read_only is not None:
+            return StoreFailure.STORAGE_ERROR
+        if log.cursors is None:
+            path = os.path.join(log.dir, CURSORS)
+            try:
+                log.cursors = LogFile.open(self._fs, path)
+            except OSError as exc:
+                full = exc.errno in _FULL_ERRNOS
+                logger.error("cannot create %s: %s", path, exc)
+                if not full:
+                    self._set_read_only(f"cannot create {path}: {exc}")
+                return StoreFailure.STORAGE_FULL if full else StoreFailure.STORAGE_ERROR
+            self._ready().changed_dir(log.dir)
+        failure = self._write(log.cursors, data)
+        if failure is None:
+            log.cursor_records += count
+            log.cursor_version += 1
+        return failure
+
+    async def _durable(self) -> None:
+        try:
+            await self._ready().durable()
+        except OSError as exc:
+            raise StorageError(f"storage failed: {exc}") from exc
+
+    async def open_cursor(self, topic: str, name: str) -> int:
+        self._ready()
+        try:
+            log = self._topic_log(topic)
+        except OSError as exc:
+            raise StorageError(f"cannot create the log of topic {topic!r}: {exc}") from exc
+        cursors = log.index.cursors
+        position = cursors.get(name)
+        if position is not None:
+            return position
+        position = cursors[name] = log.index.end
+        failure = self._write_cursor_records(log, records.cursor_record(name, position), 1)
+        if failure is not None:
+            del cursors[name]
+            raise StorageError(f"cannot store cursor {name!r} of topic {topic!r}: {failure}")
+        await self._durable()
+        return position
+
+    async def commit_cursors(self, items: Sequence[CursorCommit]) -> list[StoreFailure | None]:
+        commit = self._ready()
+        results: list[StoreFailure | None] = [None] * len(items)
+        groups: dict[str, tuple[TopicLog, list[bytes], list[tuple[int, str, int | None, int]]]] = {}
+        for i, item in enumerate(items):
+            group = groups.get(item.topic)
+            if group is None:
+                try:
+                    log = self._topic_log(item.topic)
+                except OSError as exc:
+                    results[i] = self._create_failed(item.topic, exc).failure
+                    continue
+                group = groups[item.topic] = (log, [], [])
+            cursors = group[0].index.cursors
+            group[1].append(records.cursor_record(item.name, item.position))
+            group[2].append((i, item.name, cursors.get(item.name), item.position))
+            cursors[item.name] = item.position
+        written: list[tuple[TopicLog, list[tuple[int, str, int | None, int]]]] = []
+        for log, parts, changes in groups.values():
+            failure = self._write_cursor_records(log, b"".join(parts), len(parts))
+            if failure is None:
+                written.append((log, changes))
+                continue
+            _undo_cursors(log, changes)
+            for i, *_ in changes:
+                results[i] = failure
+        future: asyncio.Future[list[StoreFailure | None]] = self._running_loop().create_future()
+
+        def finish(error: OSError | None) -> None:
+            if error is not None:
+                for log, changes in written:
+                    _undo_cursors(log, changes)
+                    for i, *_ in changes:
+                        results[i] = StoreFailure.STORAGE_ERROR
+            if not future.done():
+                future.set_result(results)
+
+        commit.after_durable(finish)
+        return await future
+
+    async def delete_cursor(self, topic: str, name: str) -> bool:
+        self._ready()
+        log = self._topics.get(topic)
+        if log is None or name not in log.index.cursors:
+            return False
+        position = log.index.cursors.pop(name)
+        failure = self._write_cursor_records(log, records.cursor_delete_record(name), 1)
+        if failure is not None:
+            log.index.cursors.setdefault(name, position)
+            raise StorageError(f"cannot delete cursor {name!r} of topic {topic!r}: {failure}")
+        await self._durable()
+        return True
+
+    # -- stats and maintenance -------------------------------------------------------
+
+    async def stats(self) -> StoreStats:
+        self._ready()
+        index = self._index
+        return StoreStats(
+            queues=index.queue_stats(), topics=index.topic_stats(), read_only=self.writable()
+        )
+
+    async def maintain(self, now: float) -> None:
+        """Timed fsync (EVERYSEC), topic retention, queue segment deletion and compaction.
+
+        ``now`` is wall-clock time (the clock of ``published_at``), for ``max_age``.
+        """
+        commit = self._ready()
+        if self._maintaining:
+            # The previous call is still waiting for a sync; two compactions of one
+            # segment must not interleave.
+            return
+        self._maintaining = True
+        try:
+            await self._maintain(commit, now)
+        finally:
+            self._maintaining = False
+
+    async def _maintain(self, commit: GroupCommit, now: float) -> None:
+        if (
+            self._policy is FsyncPolicy.EVERYSEC
+            and commit.dirty
+            and (self._last_sync is None or now - self._last_sync >= EVERYSEC_INTERVAL)
+        ):
+            self._last_sync = now
+            await self._sync_quietly()
+        if self._read_only is not None:
+            return
+        self._apply_retention(now)
+        for log in list(self._queues.values()):
+            if self._read_only is not None or self._closed:
+                return
+            await self._collect_queue(log)
+        for topic in list(self._topics.values()):
+            if self._read_only is not None or self._closed:
+                return
+            await self._compact_cursors(topic)
+
+    async def _sync_quietly(self) -> bool:
+        """Sync now whatever the policy; False if it failed (logged, store read-only)."""
+        try:
+            await self._ready().sync_now()
+        except OSError:
+            return False
+        return True
+
+    async def _sync_before_delete(self) -> bool:
+        """Make copies durable before deleting originals. NEVER: no fsync (its promise)."""
+        if self._policy is FsyncPolicy.NEVER:
+            return self._read_only is None
+        return await self._sync_quietly()
+
+    def _apply_retention(self, now: float) -> None:
+        retention = self._retention
+        cutoff = None if retention.max_age is None else now - retention.max_age
+        for log in self._topics.values():
+            index = log.index
+            while True:
+                segment = log.segments[0]
+                last = len(log.segments) == 1
+                if segment.count == 0:
+                    if last or not self._drop_segment(log):
+                        break
+                    continue
+                # Never drop a message whose append is still pending.
+                if (index.next_position if last else log.numbers[1]) > index.end:
+                    break
+                if not (
+                    (
+                        retention.max_messages is not None
+                        and log.count - segment.count >= retention.max_messages
+                    )
+                    or (
+                        retention.max_bytes is not None
+                        and log.bytes - segment.bytes >= retention.max_bytes
+                    )
+                    or (cutoff is not None and segment.newest < cutoff)
+                ):
+                    break
+                if last and self._roll(log, index.next_position) is None:
+                    break  # try again next time
+                log.count -= segment.count
+                log.bytes -= segment.bytes
+                index.bytes -= segment.bytes
+                if not self._drop_segment(log):
+                    break
+                index.first = min(log.numbers[0], index.end)
+
+    def _drop_segment(self, log: Log) -> bool:
+        """Delete the oldest segment of ``log``; False if that failed (logged)."""
+        segment = log.segments[0]
+        commit = self._ready()
+        try:
+            self._fs.remove(segment.path)
+        except FileNotFoundError:
+            logger.warning("segment %s was already gone", segment.path)
+        except OSError as exc:
+            logger.error("cannot delete segment %s: %s", segment.path, exc)
+            return False
+        if segment.file is not None:
+            commit.close_fd(segment.file.fd)
+            segment.file = None
+        log.drop_oldest()
+        commit.changed_dir(log.dir)
+        return True
+
+    async def _collect_queue(self, log: QueueLog) -> None:
+        segments = log.segments
+        while len(segments) > 1 and segments[0].live == 0:
+            if not self._drop_segment(log):
+                return
+        if len(segments) < 2:
+            return
+        oldest = segments[0]
+        if oldest.live * COMPACT_LIVE_RATIO > oldest.pubs:
+            return
+        # Entries are in sequence order, and every message in the oldest segment has a
+        # sequence number below the next segment's number.
+        below = segments[1].number
+        moving: list[Entry] = []
+        for entry in log.index.entries.values():
+            if entry.seq >= below:
+                break
+            if entry.segment == oldest.number:
+                if entry.state not in _MOVABLE:
+                    return  # a settle or append is in progress: next time
+                moving.append(entry)
+        if len(moving) != oldest.live:
+            logger.error(
+                "queue %r: segment %s counts %d live messages, found %d; not compacting",
+                log.name,
+                oldest.path,
+                oldest.live,
+                len(moving),
+            )
+            return
+        active = self._active(log, log.index.next_seq)
+        parts: list[bytes] = []
+        for entry in moving:
+            parts.extend(
+                records.pub_parts(
+                    entry.seq,
+                    entry.message_id,
+                    entry.published_at,
+                    entry.payload,
+                    entry.attempt,
+                    entry.reason,
+                )
+            )
+        if self._write(active, b"".join(parts)) is not None:
+            return
+        for entry in moving:
+            entry.segment = active.number
+        active.live += len(moving)
+        active.pubs += len(moving)
+        oldest.live = 0
+        if not await self._sync_before_delete() or self._closed:
+            return
+        if log.segments and log.segments[0] is oldest and oldest.live == 0:
+            self._drop_segment(log)
+
+    async def _compact_cursors(self, log: TopicLog) -> None:
+        cursors = log.index.cursors
+        if log.cursors is None or log.cursor_records <= max(
+            CURSOR_COMPACT_RECORDS, 4 * len(cursors)
+        ):
+            return
+        fs = self._fs
+        path = os.path.join(log.dir, CURSORS)
+        version = log.cursor_version
+        data = b"".join(
+            [records.cursor_record(name, position) for name, position in cursors.items()]
+        )
+        try:
+            fs.write_file(path + _TMP, data)
+        except OSError as exc:
+            logger.error("cannot compact %s: %s", path, exc)
+            return
+        if self._policy is not FsyncPolicy.NEVER:
+            self._ready().created(path + _TMP)
+        if not await self._sync_before_delete():
+            return
+        if log.cursor_version != version or self._closed or log.cursors is None:
+            # Cursors moved meanwhile; the copy is stale. Try again next time.
+            _remove_quietly(fs, path + _TMP)
+            return
+        try:
+            fs.rename(path + _TMP, path)
+            fresh = LogFile.open(fs, path)
+        except OSError as exc:
+            self._set_read_only(f"cannot replace {path}: {exc}")
+            return
+        commit = self._ready()
+        commit.close_fd(log.cursors.fd)
+        commit.changed_dir(log.dir)
+        log.cursors = fresh
+        log.cursor_records = len(cursors)
+
+    # -- recovery --------------------------------------------------------------------
+
+    def _recover(self) -> Recovery:
+        """Rebuild the index from the data directory (runs on the storage thread)."""
+        fs = self._fs
+        try:
+            fs.makedirs(self._root)
+            self._lock_fd = fs.lock(os.path.join(self._root, _LOCK))
+            counts = Counts()
+            for kind, sub in ((Kind.QUEUE, _QUEUES), (Kind.TOPIC, _TOPICS)):
+                base = os.path.join(self._root, sub)
+                fs.makedirs(base)
+                for entry in sorted(fs.listdir(base)):
+                    directory = os.path.join(base, entry)
+                    if not fs.is_dir(directory):
+                        continue
+                    name = self._read_meta(kind, directory, entry)
+                    if name is None:
+                        continue
+                    if kind is Kind.QUEUE:
+                        queue = self._index.queue(name)
+                        self._queues[name] = recover_queue(fs, name, directory, queue, counts)
+                    else:
+                        topic = self._index.topic(name)
+                        self._topics[name] = recover_topic(fs, name, directory, topic, counts)
+        except OSError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise StorageError(f"cannot open the data directory {self._root}: {exc}") from exc
+        return Recovery(
+            queues={name: log.index.ready for name, log in self._queues.items()},
+            topics={name: log.index.end for name, log in self._topics.items()},
+            torn_records=counts.torn,
+            corrupt_records=counts.corrupt,
+        )
+
+    def _read_meta(self, kind: Kind, directory: str, entry: str) -> str | None:
+        """The true name of a log directory, or None after moving a bad one aside."""
+        fs = self._fs
+        try:
+            found_kind, name = records.parse_meta(fs.read_file(os.path.join(directory, _META)))
+            if found_kind != kind.value:
+                raise ValueError(f"kind {found_kind!r} in the {kind.value} directory")
+            if encode_name(name) != entry:
+                raise ValueError(f"name {name!r} does not belong in this directory")
+        except (OSError, ValueError) as exc:
+            self._set_aside(kind, directory, entry, str(exc))
+            return None
+        for file_name in fs.listdir(directory):
+            if file_name.endswith(_TMP):
+                # Half-done meta.json or cursors.log rewrite; the original is intact.
+                fs.remove(os.path.join(directory, file_name))
+        return name
+
+    def _set_aside(self, kind: Kind, directory: str, entry: str, why: str) -> None:
+        fs = self._fs
+        names = fs.listdir(directory)
+        if all(fs.is_empty(os.path.join(directory, n)) for n in names):
+            # A log whose creation was cut short by a crash: nothing was ever stored.
+            for n in names:
+                fs.remove(os.path.join(directory, n))
+            fs.remove_dir(directory)
+            logger.warning("removed %s, an empty log directory without meta.json", directory)
+            return
+        lost = os.path.join(self._root, _LOST)
+        fs.makedirs(lost)
+        target = os.path.join(lost, f"{kind.value}-{entry}")
+        suffix = 0
+        while fs.exists(target):
+            suffix += 1
+            target = os.path.join(lost, f"{kind.value}-{entry}.{suffix}")
+        fs.rename(directory, target)
+        logger.error("cannot use log directory %s (%s); moved it to %s", directory, why, target)
+
+
+_PLACEHOLDER: Final = Appended()
+
+
+def _full(queue: str) -> str:
+    return f"queue {queue!r} holds its maximum number of messages"
+
+
+def _write_detail(failure: StoreFailure) -> str:
+    if failure is StoreFailure.STORAGE_FULL:
+        return "no space left on the storage device"
+    return "the storage device failed; the store is read-only"
+
+
+def _undo_cursors(log: TopicLog, changes: list[tuple[int, str, int | None, int]]) -> None:
+    """Put cursors back where they were, unless a later commit moved them again."""
+    cursors = log.index.cursors
+    for _, name, before, after in reversed(changes):
+        if cursors.get(name) == after:
+            if before is None:
+                del cursors[name]
+            else:
+                cursors[name] = before
+
+
+def _set_result(future: asyncio.Future[list[Appended]], value: list[Appended]) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_settled(future: asyncio.Future[list[Settled]], value: list[Settled]) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _close_quietly(fs: FileSystem, fd: int) -> None:
+    try:
+        fs.close(fd)
+    except OSError as exc:
+        logger.error("closing a log file failed: %s", exc)
+
+
+def _remove_quietly(fs: FileSystem, path: str) -> None:
+    try:
+        fs.remove(path)
+    except OSError as exc:
+        logger.error("cannot remove %s: %s", path, exc)

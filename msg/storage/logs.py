@@ -1,0 +1,278 @@
+"""The logs of queues and topics on disk, and rebuilding the index from them.
+
+Theory of operation
+-------------------
+A :class:`Log` is the ordered list of segment files of one queue or topic; the last
+one is open and written. :func:`recover_queue` and :func:`recover_topic` run once, at
+start-up, on the storage thread: they read every segment, check every record
+(:func:`msg.storage.records.scan`), and replay the good ones.
+
+Replaying a queue keeps one entry per sequence number: a ``pub`` creates it (a later
+``pub`` of the same number is a compaction copy and replaces it), ``ack``, ``con`` and
+``dead`` remove it, ``req`` sets its attempt count. Records about numbers never seen
+are normal (their segment was deleted) and ignored. What is left is ready, in
+sequence order. Replaying a topic rebuilds only counts, timestamps and the sparse
+index; payloads stay on disk.
+
+A bad tail of the newest file of a log is a write torn by a crash: it is cut off with
+one WARNING naming file and offset. Any other bad region is corruption: it is skipped
+with one ERROR line, and the records around it are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Final
+
+from msg.storage import records
+from msg.storage.filenames import segment_file_name, segment_number
+from msg.storage.fs import FileSystem
+from msg.storage.index import Entry, QueueIndex, TopicIndex
+from msg.storage.segments import LogFile, Segment
+
+__all__ = ["CURSORS", "Counts", "Log", "QueueLog", "TopicLog", "recover_queue", "recover_topic"]
+
+logger = logging.getLogger(__name__)
+
+CURSORS: Final = "cursors.log"
+
+
+class Log:
+    """The segments of one queue or topic; the last one is open for writing."""
+
+    __slots__ = ("by_number", "dir", "name", "numbers", "segments")
+
+    def __init__(self, name: str, directory: str, segments: list[Segment]) -> None:
+        self.name = name
+        self.dir = directory
+        self.segments = segments
+        self.numbers = [segment.number for segment in segments]
+        self.by_number = {segment.number: segment for segment in segments}
+
+    @property
+    def active(self) -> Segment:
+        return self.segments[-1]
+
+    def add(self, segment: Segment) -> None:
+        self.segments.append(segment)
+        self.numbers.append(segment.number)
+        self.by_number[segment.number] = segment
+
+    def drop_oldest(self) -> Segment:
+        segment = self.segments.pop(0)
+        self.numbers.pop(0)
+        del self.by_number[segment.number]
+        return segment
+
+
+class QueueLog(Log):
+    __slots__ = ("index",)
+
+    def __init__(
+        self, name: str, directory: str, segments: list[Segment], index: QueueIndex
+    ) -> None:
+        super().__init__(name, directory, segments)
+        self.index = index
+
+
+class TopicLog(Log):
+    __slots__ = ("bytes", "count", "cursor_records", "cursor_version", "cursors", "index")
+
+    def __init__(
+        self, name: str, directory: str, segments: list[Segment], index: TopicIndex
+    ) -> None:
+        super().__init__(name, directory, segments)
+        self.index = index
+        self.count = sum(segment.count for segment in segments)
+        """Messages in all segments, pending ones included."""
+        self.bytes = sum(segment.bytes for segment in segments)
+        self.cursors: LogFile | None = None
+        self.cursor_records = 0
+        self.cursor_version = 0
+
+
+@dataclass(slots=True)
+class Counts:
+    torn: int = 0
+    corrupt: int = 0
+
+
+def _segment_numbers(fs: FileSystem, directory: str) -> list[int]:
+    numbers = [segment_number(n) for n in fs.listdir(directory)]
+    return sorted(n for n in numbers if n is not None)
+
+
+def _load(
+    fs: FileSystem, path: str, last: bool, counts: Counts
+) -> tuple[records.Scan, LogFile | None, int]:
+    """Read and check one log file; the last one of a log is opened for appending.
+
+    Returns the scan, the open file (last only) and the length of the good data.
+    """
+    file = LogFile.open(fs, path) if last else None
+    try:
+        data = fs.read_file(path)
+        scan = records.scan(data)
+        for offset, length in scan.corrupt:
+            counts.corrupt += 1
+            logger.error(
+                "corrupt record in %s at offset %d (%d bytes) skipped", path, offset, length
+            )
+        size = len(data)
+        if scan.torn is not None:
+            if file is not None:
+                counts.torn += 1
+                logger.warning(
+                    "torn write at the end of %s at offset %d (%d bytes) cut off",
+                    path,
+                    scan.torn,
+                    len(data) - scan.torn,
+                )
+                file.truncate(scan.torn)
+                size = scan.torn
+            else:
+                counts.corrupt += 1
+                logger.error(
+                    "corrupt record at the end of %s at offset %d (%d bytes) skipped",
+                    path,
+                    scan.torn,
+                    len(data) - scan.torn,
+                )
+    except BaseException:
+        if file is not None:
+            fs.close(file.fd)
+        raise
+    return scan, file, size
+
+
+def _first_segment(fs: FileSystem, directory: str) -> list[Segment]:
+    path = os.path.join(directory, segment_file_name(0))
+    return [Segment(0, path, file=LogFile.open(fs, path))]
+
+
+def recover_queue(
+    fs: FileSystem, name: str, directory: str, queue: QueueIndex, counts: Counts
+) -> QueueLog:
+    """Replay a queue's segments into ``queue``; the newest is opened for appending."""
+    numbers = _segment_numbers(fs, directory)
+    if not numbers:
+        return QueueLog(name, directory, _first_segment(fs, directory), queue)
+    by_seq: dict[int, Entry] = {}
+    segments: list[Segment] = []
+    by_number: dict[int, Segment] = {}
+    recent = queue.recent
+    max_seq = -1
+    for k, number in enumerate(numbers):
+        path = os.path.join(directory, segment_file_name(number))
+        scan, file, size = _load(fs, path, k == len(numbers) - 1, counts)
+        segment = Segment(number, path, size=size, file=file)
+        segments.append(segment)
+        by_number[number] = segment
+        for line, offset in zip(scan.records, scan.offsets, strict=True):
+            try:
+                if records.is_pub(line):
+                    header, payload = records.parse_pub(line)
+                    seq = header["seq"]
+                    entry = Entry(seq, header["id"], payload, header["ts"], header.get("att", 0))
+                    entry.reason = header.get("why")
+                    entry.segment = number
+                    old = by_seq.get(seq)
+                    if old is not None:  # a compaction copy replaces the original
+                        by_number[old.segment].live -= 1
+                    by_seq[seq] = entry
+                    segment.live += 1
+                    segment.pubs += 1
+                    recent.add(entry.message_id, seq)
+                else:
+                    record = records.parse(line)
+                    op = record["op"]
+                    seq = record["seq"]
+                    if op == "req":
+                        found = by_seq.get(seq)
+                        if found is not None:
+                            found.attempt = record["att"]
+                    elif op in ("ack", "con", "dead"):
+                        found = by_seq.pop(seq, None)
+                        if found is not None:
+                            by_number[found.segment].live -= 1
+                    else:
+                        raise ValueError(f"unknown op {op!r}")
+            except (KeyError, TypeError, ValueError) as exc:
+                counts.corrupt += 1
+                logger.error("unreadable record in %s at offset %d skipped: %s", path, offset, exc)
+                continue
+            if seq > max_seq:
+                max_seq = seq
+    queue.restore(sorted(by_seq.values(), key=_seq_of))
+    queue.next_seq = max(max_seq + 1, numbers[-1])
+    return QueueLog(name, directory, segments, queue)
+
+
+def recover_topic(
+    fs: FileSystem, name: str, directory: str, topic: TopicIndex, counts: Counts
+) -> TopicLog:
+    """Scan a topic's segments and cursors into ``topic``; payloads stay on disk."""
+    numbers = _segment_numbers(fs, directory)
+    segments: list[Segment] = []
+    last_position = -1
+    recent = topic.recent
+    for k, number in enumerate(numbers):
+        path = os.path.join(directory, segment_file_name(number))
+        scan, file, size = _load(fs, path, k == len(numbers) - 1, counts)
+        segment = Segment(number, path, size=size, file=file)
+        segment.bad_offsets.update(offset for offset, _ in scan.corrupt)
+        segments.append(segment)
+        for line, offset in zip(scan.records, scan.offsets, strict=True):
+            try:
+                if not records.is_pub(line):
+                    raise ValueError("not a pub record")
+                header, payload = records.parse_pub(line)
+                position = header["seq"]
+                published_at = header["ts"]
+                recent.add(header["id"], position)
+            except (KeyError, TypeError, ValueError) as exc:
+                counts.corrupt += 1
+                logger.error("unreadable record in %s at offset %d skipped: %s", path, offset, exc)
+                continue
+            segment.add_topic_record(position, offset, len(line) + 1)
+            segment.count += 1
+            segment.bytes += len(payload)
+            if published_at > segment.newest:
+                segment.newest = published_at
+            last_position = position
+    if not segments:
+        segments = _first_segment(fs, directory)
+    log = TopicLog(name, directory, segments, topic)
+    topic.first = segments[0].number
+    topic.end = topic.next_position = max(last_position + 1, segments[-1].number)
+    topic.bytes = log.bytes
+    _recover_cursors(fs, log, counts)
+    return log
+
+
+def _recover_cursors(fs: FileSystem, log: TopicLog, counts: Counts) -> None:
+    path = os.path.join(log.dir, CURSORS)
+    if not fs.exists(path):
+        return
+    scan, file, _ = _load(fs, path, True, counts)
+    log.cursors = file
+    cursors = log.index.cursors
+    for line, offset in zip(scan.records, scan.offsets, strict=True):
+        try:
+            record = records.parse(line)
+            if record["op"] == "cur":
+                cursors[record["name"]] = record["pos"]
+            elif record["op"] == "del":
+                cursors.pop(record["name"], None)
+            else:
+                raise ValueError(f"unknown op {record['op']!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            counts.corrupt += 1
+            logger.error("unreadable record in %s at offset %d skipped: %s", path, offset, exc)
+    log.cursor_records = len(scan.records)
+
+
+def _seq_of(entry: Entry) -> int:
+    return entry.seq

@@ -1,0 +1,256 @@
+"""The file store's record format (version 1): one checksummed JSON object per line.
+
+Theory of operation
+-------------------
+Every topic and queue has its own log: numbered segment files of records, one JSON
+object per line, so ``cat`` and ``jq`` can read them. This format is msg's own and
+versioned (``meta.json`` carries :data:`FORMAT_VERSION`); it is not the wire
+protocol, so protocol changes never break stored data. Records::
+
+    {"op":"pub","seq":7,"id":"m-7","ts":1732712345.123,"msg":{"any":"json"},"crc":"1a2b3c4d"}
+    {"op":"pub","seq":3,"id":"m-3","ts":1732712340.5,"att":2,"why":"bad input","msg":...}
+    {"op":"ack","seq":7,"crc":"..."}     queue: acked by its consumer
+    {"op":"con","seq":7,"crc":"..."}     queue: consumed by an auto_ack claim
+    {"op":"dead","seq":7,"crc":"..."}    queue: moved to the dead-letter queue
+    {"op":"req","seq":7,"att":2,"crc":"..."}   queue: requeued after 2 deliveries
+    {"op":"cur","name":"audit","pos":42,"crc":"..."}   topic cursors.log: moved
+    {"op":"del","name":"audit","crc":"..."}            topic cursors.log: deleted
+
+``seq`` is the queue's sequence number or the topic's position. ``att`` (deliveries
+so far) and ``why`` (dead-letter reason) appear only when set: in compaction copies
+and in dead-letter queues. ``crc`` is the CRC-32 of every byte before ``,"crc":``, as
+8 lower-case hex digits, and is always the last field, so a reader checks a line
+with a slice and one ``zlib.crc32`` before parsing anything.
+
+Writing is the hot path, so a ``pub`` record is assembled from bytes: a small
+formatted head, the payload exactly as the client sent it (it is JSON already), and
+the checksum tail. The payload is never decoded or re-encoded. ``msg`` is the last
+field before ``crc`` and every earlier field is a number or a JSON string (in which
+``,"`` cannot occur unescaped), so the first ``,"msg":`` marks where the payload
+starts, and recovery parses only the short head.
+
+Reading a segment (:func:`scan`) sorts its bytes into good records, corrupt regions
+(bad lines followed by good ones: a bit flip, a lost sector) and a torn tail (bad
+bytes up to the end: a write cut short by a crash). A bad line is searched for
+embedded records too, so a flipped newline costs one record, not two.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from msg import jsonlib
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Scan",
+    "ack_record",
+    "consume_record",
+    "cursor_delete_record",
+    "cursor_record",
+    "dead_record",
+    "is_pub",
+    "meta_bytes",
+    "parse_meta",
+    "parse_pub",
+    "pub_parts",
+    "requeue_record",
+    "scan",
+    "valid",
+]
+
+FORMAT_VERSION: Final = 1
+
+_CRC_FIELD: Final = b',"crc":"'
+# ,"crc":"xxxxxxxx"} after the body; the newline is not part of a line.
+_SUFFIX: Final = len(_CRC_FIELD) + 8 + 2
+_MSG_FIELD: Final = b',"msg":'
+_PUB_START: Final = b'{"op":"pub",'
+_RECORD_START: Final = b'{"op":'
+
+
+def _seal(body: bytes) -> bytes:
+    return b'%b,"crc":"%08x"}\n' % (body, zlib.crc32(body))
+
+
+def pub_parts(
+    seq: int,
+    message_id: str,
+    published_at: float,
+    payload: bytes,
+    attempt: int = 0,
+    reason: str | None = None,
+) -> tuple[bytes, bytes, bytes]:
+    """A ``pub`` record as (head, payload, tail), to be joined with the rest of a batch.
+
+    Raw newlines in JSON can only be insignificant whitespace (inside strings they are
+    escaped), so they are replaced by spaces to keep one record per line.
+    """
+    if b"\n" in payload:
+        payload = payload.replace(b"\n", b" ")
+    dumps = jsonlib.dumps
+    if attempt or reason is not None:
+        extra = b',"att":%d' % attempt
+        if reason is not None:
+            extra += b',"why":' + dumps(reason)
+        head = b'{"op":"pub","seq":%d,"id":%b,"ts":%b%b,"msg":' % (
+            seq,
+            dumps(message_id),
+            dumps(published_at),
+            extra,
+        )
+    else:
+        # The JSON encoder writes floats faster than %r, and just as exactly.
+        head = b'{"op":"pub","seq":%d,"id":%b,"ts":%b,"msg":' % (
+            seq,
+            dumps(message_id),
+            dumps(published_at),
+        )
+    crc = zlib.crc32(payload, zlib.crc32(head))
+    return head, payload, b',"crc":"%08x"}\n' % crc
+
+
+def ack_record(seq: int) -> bytes:
+    return _seal(b'{"op":"ack","seq":%d' % seq)
+
+
+def consume_record(seq: int) -> bytes:
+    return _seal(b'{"op":"con","seq":%d' % seq)
+
+
+def dead_record(seq: int) -> bytes:
+    return _seal(b'{"op":"dead","seq":%d' % seq)
+
+
+def requeue_record(seq: int, attempt: int) -> bytes:
+    return _seal(b'{"op":"req","seq":%d,"att":%d' % (seq, attempt))
+
+
+def cursor_record(name: str, position: int) -> bytes:
+    return _seal(b'{"op":"cur","name":%b,"pos":%d' % (jsonlib.dumps(name), position))
+
+
+def cursor_delete_record(name: str) -> bytes:
+    return _seal(b'{"op":"del","name":%b' % jsonlib.dumps(name))
+
+
+def valid(line: bytes) -> bool:
+    """True if ``line`` (without its newline) is a record with a matching checksum."""
+    return (
+        len(line) > _SUFFIX
+        and line[-_SUFFIX:-10] == _CRC_FIELD
+        and line[-2:] == b'"}'
+        and b"%08x" % zlib.crc32(line[:-_SUFFIX]) == line[-10:-2]
+    )
+
+
+def is_pub(line: bytes) -> bool:
+    return line.startswith(_PUB_START)
+
+
+def parse_pub(line: bytes) -> tuple[dict[str, Any], bytes]:
+    """The fields of a valid ``pub`` line other than ``msg``, and the payload bytes."""
+    cut = line.find(_MSG_FIELD)
+    if cut < 0:
+        raise ValueError("pub record without a msg field")
+    header: dict[str, Any] = jsonlib.loads(line[:cut] + b"}")
+    return header, line[cut + len(_MSG_FIELD) : -_SUFFIX]
+
+
+def parse(line: bytes) -> dict[str, Any]:
+    """All fields of a valid (short) record."""
+    record: dict[str, Any] = jsonlib.loads(line)
+    return record
+
+
+def meta_bytes(kind: str, name: str) -> bytes:
+    return jsonlib.dumps({"v": FORMAT_VERSION, "kind": kind, "name": name}) + b"\n"
+
+
+def parse_meta(data: bytes) -> tuple[str, str]:
+    """(kind, name) from a ``meta.json``; ValueError if it is not one this version reads."""
+    try:
+        meta = jsonlib.loads(data)
+    except jsonlib.DecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    version, kind, name = meta.get("v"), meta.get("kind"), meta.get("name")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"format version {version!r}, this broker reads {FORMAT_VERSION}")
+    if not isinstance(kind, str) or not isinstance(name, str):
+        raise ValueError("kind and name must be strings")
+    return kind, name
+
+
+@dataclass(slots=True)
+class Scan:
+    """What :func:`scan` found in a segment's bytes."""
+
+    records: list[bytes] = field(default_factory=list)
+    """Good lines (checksum verified), without newlines, in file order."""
+    offsets: list[int] = field(default_factory=list)
+    """File offset of each good line."""
+    corrupt: list[tuple[int, int]] = field(default_factory=list)
+    """(offset, length) of each bad region that good records follow."""
+    torn: int | None = None
+    """Offset where bad bytes start that run to the end of the data; None if clean."""
+
+
+def scan(data: bytes) -> Scan:
+    """Sort ``data`` into good records, corrupt regions and a torn tail."""
+    result = Scan()
+    records = result.records
+    offsets = result.offsets
+    bad_start = -1
+    offset = 0
+    lines = data.split(b"\n")
+    tail = lines.pop()  # the bytes after the last newline: b"" if the data ends cleanly
+    for line in lines:
+        if valid(line):
+            if bad_start >= 0:
+                result.corrupt.append((bad_start, offset - bad_start))
+                bad_start = -1
+            records.append(line)
+            offsets.append(offset)
+        else:
+            pieces = _salvage(line)
+            for k, (start, piece, good) in enumerate(pieces):
+                if good:
+                    if bad_start >= 0:
+                        result.corrupt.append((bad_start, offset + start - bad_start))
+                        bad_start = -1
+                    records.append(piece)
+                    offsets.append(offset + start)
+                    if k + 1 < len(pieces):
+                        # The byte after it should have been a newline: damaged.
+                        bad_start = offset + start + len(piece)
+                elif bad_start < 0:
+                    bad_start = offset + start
+        offset += len(line) + 1
+    if tail and bad_start < 0:
+        bad_start = offset
+    if bad_start >= 0:
+        result.torn = bad_start
+    return result
+
+
+def _salvage(line: bytes) -> list[tuple[int, bytes, bool]]:
+    """Split a bad line where records start; a damaged newline joins two records."""
+    starts = []
+    at = line.find(_RECORD_START, 1)
+    while at >= 0:
+        starts.append(at)
+        at = line.find(_RECORD_START, at + 1)
+    if not starts:
+        return [(0, line, False)]
+    pieces: list[tuple[int, bytes, bool]] = []
+    bounds = [0, *starts]
+    for k, start in enumerate(bounds):
+        # Each piece but the last lost the byte before the next start: the newline.
+        end = bounds[k + 1] - 1 if k + 1 < len(bounds) else len(line)
+        piece = line[start:end]
+        pieces.append((start, piece, valid(piece)))
+    return pieces

@@ -1,0 +1,727 @@
+"""The file store beyond the contract: restarts, damaged files, names, space, fsync."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from msg.errors import StorageError
+from msg.persistence import (
+    Append,
+    Claim,
+    CursorCommit,
+    FsyncPolicy,
+    Kind,
+    Outcome,
+    Retention,
+    Settle,
+    StoredMessage,
+    StoreFailure,
+)
+from msg.storage.filestore import FileStore
+from tests.storage.faulty import CountingFS, FailingSyncFS, GatedFS, LimitedFS
+
+Q = "jobs"
+T = "news"
+STORAGE_LOGGER = "msg.storage"
+
+
+def qmsg(message_id: str, queue: str = Q, payload: bytes | None = None) -> Append:
+    body = payload if payload is not None else b'{"id":"%s"}' % message_id.encode()
+    return Append(Kind.QUEUE, queue, StoredMessage(message_id, body, 1000.0))
+
+
+def tmsg(message_id: str, topic: str = T, ts: float = 1000.0) -> Append:
+    return Append(Kind.TOPIC, topic, StoredMessage(message_id, b'"%s"' % message_id.encode(), ts))
+
+
+@asynccontextmanager
+async def opened(path: Path, **options: Any) -> AsyncIterator[FileStore]:
+    store = FileStore(path, **options)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def drain(store: FileStore, queue: str = Q) -> list[tuple[str, int]]:
+    """Claim everything ready (auto_ack) and return (message id, attempt)."""
+    [deliveries] = await store.claim([Claim(queue, ("drain",) * 100_000, auto_ack=True)])
+    return [(d.message_id, d.attempt) for d in deliveries]
+
+
+async def ids_of(store: FileStore, queue: str = Q) -> list[str]:
+    """The ids of the ready messages, in order (claimed and released again)."""
+    [deliveries] = await store.claim([Claim(queue, ("peek",) * 100_000)])
+    await store.release(queue, "peek")
+    return [d.message_id for d in deliveries]
+
+
+def segment_files(root: Path, kind: str = "queues", name: str = Q) -> list[Path]:
+    from msg.storage.filenames import encode_name
+
+    return sorted((root / kind / encode_name(name)).glob("*.log"))
+
+
+def log_lines(root: Path) -> list[bytes]:
+    """Every line of every log file under ``root``, files in name order."""
+    paths = sorted(root.rglob("*.log"))
+    return [line for path in paths for line in path.read_bytes().splitlines()]
+
+
+def storage_logs(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith(STORAGE_LOGGER) and r.levelno == level]
+
+
+# -- the seed's persistence tests ------------------------------------------------------
+
+
+async def test_saving_and_loading_queue_messages(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        await store.append([qmsg(f"m{i}") for i in range(6)])
+        [ds] = await store.claim([Claim(Q, ("a", "a", "a"))])
+        assert [d.message_id for d in ds] == ["m0", "m1", "m2"]
+        await store.settle([Settle(Q, "m1", "a", Outcome.ACK)])
+        await store.settle([Settle(Q, "m2", "a", Outcome.REQUEUE)])
+        # m0 stays in flight: in-flight state is volatile, so it is ready after a restart.
+    async with opened(tmp_path) as store:
+        [ds] = await store.claim([Claim(Q, ("b",) * 10)])
+        assert [(d.message_id, d.attempt) for d in ds] == [
+            ("m0", 1),  # its delivery before the restart was never logged
+            ("m2", 2),  # the requeue logged one delivery
+            ("m3", 1),
+            ("m4", 1),
+            ("m5", 1),
+        ]
+        assert ds[3].payload == b'{"id":"m4"}'
+        assert ds[3].published_at == 1000.0
+        # Sequence numbers continue after the restart.
+        [appended, retried] = await store.append([qmsg("m6"), qmsg("m3")])
+        assert appended.position == 6
+        assert retried.position == 3  # a retry of a recent id after the restart
+
+
+async def test_saving_and_loading_pubsub_messages(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        results = await store.append([tmsg(f"t{i}") for i in range(5)])
+        assert [r.position for r in results] == [0, 1, 2, 3, 4]
+        assert await store.open_cursor(T, "audit") == 5
+        await store.commit_cursors([CursorCommit(T, "audit", 3), CursorCommit(T, "other", 1)])
+        assert await store.open_cursor(T, "gone") == 5
+        assert await store.delete_cursor(T, "gone")
+    async with opened(tmp_path) as store:
+        read = await store.read(T, 0, 100)
+        assert [(m.position, m.message_id, m.payload) for m in read.messages] == [
+            (i, f"t{i}", b'"t%d"' % i) for i in range(5)
+        ]
+        assert (read.first, read.end) == (0, 5)
+        stats = (await store.stats()).topics[T]
+        assert dict(stats.cursors) == {"audit": 3, "other": 1}
+        assert await store.open_cursor(T, "audit") == 3
+        [appended] = await store.append([tmsg("t5")])
+        assert appended.position == 5
+        # Idempotent append survives a restart for recent ids.
+        [again] = await store.append([tmsg("t2")])
+        assert again.position == 2
+
+
+async def test_deleting_messages(tmp_path: Path) -> None:
+    async with opened(tmp_path, segment_bytes=1024) as store:
+        for i in range(0, 40, 4):
+            await store.append([qmsg(f"m{j}") for j in range(i, i + 4)])
+        [ds] = await store.claim([Claim(Q, ("c",) * 40)])
+        results = await store.settle([Settle(Q, d.message_id, "c", Outcome.ACK) for d in ds[:30]])
+        assert all(r.found for r in results)
+        before = len(segment_files(tmp_path))
+        await store.maintain(2000.0)
+        after = len(segment_files(tmp_path))
+        assert after < before
+    async with opened(tmp_path, segment_bytes=1024) as store:
+        assert await ids_of(store) == [f"m{i}" for i in range(30, 40)]
+
+
+async def test_recovery_reports_what_it_found(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        await store.append([qmsg("a"), qmsg("b"), tmsg("t"), qmsg("x", queue="other")])
+    store = FileStore(tmp_path)
+    recovery = await store.open()
+    try:
+        assert dict(recovery.queues) == {Q: 2, "other": 1}
+        assert dict(recovery.topics) == {T: 1}
+        assert (recovery.torn_records, recovery.corrupt_records) == (0, 0)
+    finally:
+        await store.close()
+
+
+async def test_dead_letters_survive_restart(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        await store.append([qmsg("m0"), qmsg("m1")])
+        await store.claim([Claim(Q, ("c", "c"))])
+        [settled] = await store.settle([Settle(Q, "m0", "c", Outcome.DEAD, reason='bad "json"')])
+        assert settled.found
+        assert settled.failure is None
+    async with opened(tmp_path) as store:
+        assert await ids_of(store) == ["m1"]
+        [[d]] = await store.claim([Claim("$dead." + Q, ("ops",))])
+        assert (d.message_id, d.reason, d.attempt) == ("m0", 'bad "json"', 1)
+
+
+async def test_auto_ack_consumption_is_logged(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        await store.append([qmsg("m0"), qmsg("m1")])
+        await store.claim([Claim(Q, ("c",), auto_ack=True)])
+    async with opened(tmp_path) as store:
+        assert await ids_of(store) == ["m1"]
+
+
+async def test_records_are_readable_json_lines(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        await store.append([qmsg("m0", payload=b'{"a":[1,"x\\ny"]}'), tmsg("t0")])
+        await store.claim([Claim(Q, ("c",))])
+        await store.settle([Settle(Q, "m0", "c", Outcome.REQUEUE)])
+        await store.open_cursor(T, "c")
+    records = [json.loads(line) for line in log_lines(tmp_path)]
+    assert [r["op"] for r in records] == ["pub", "req", "pub", "cur"]
+    assert all(len(r["crc"]) == 8 for r in records)
+    assert records[0]["msg"] == {"a": [1, "x\ny"]}
+    assert records[1]["att"] == 1
+    meta = json.loads((segment_files(tmp_path)[0].parent / "meta.json").read_bytes())
+    assert meta == {"v": 1, "kind": "queue", "name": Q}
+
+
+async def test_payload_with_raw_newlines_stays_one_record(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        await store.append([qmsg("m0", payload=b'{\n  "a": 1\n}')])
+    async with opened(tmp_path) as store:
+        [[d]] = await store.claim([Claim(Q, ("c",))])
+        assert json.loads(d.payload) == {"a": 1}
+
+
+# -- torn tails and corruption --------------------------------------------------------
+
+
+async def _write_queue(root: Path, count: int) -> Path:
+    async with opened(root) as store:
+        for i in range(count):
+            await store.append([qmsg(f"m{i}")])
+    [path] = segment_files(root)
+    return path
+
+
+async def test_torn_tail_at_every_cut_point(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
+    path = await _write_queue(tmp_path, 5)
+    data = path.read_bytes()
+    start = data.rindex(b"\n", 0, len(data) - 1) + 1
+    for cut in range(start + 1, len(data)):
+        path.write_bytes(data[:cut])
+        caplog.clear()
+        store = FileStore(tmp_path)
+        recovery = await store.open()
+        try:
+            assert await ids_of(store) == ["m0", "m1", "m2", "m3"], cut
+        finally:
+            await store.close()
+        warnings = storage_logs(caplog, logging.WARNING)
+        assert len(warnings) == 1, cut
+        assert str(path) in warnings[0].getMessage()
+        assert f"offset {start}" in warnings[0].getMessage()
+        assert storage_logs(caplog, logging.ERROR) == []
+        assert recovery.torn_records == 1
+        assert path.stat().st_size == start
+    # And a clean file opens silently.
+    path.write_bytes(data)
+    caplog.clear()
+    async with opened(tmp_path) as store:
+        assert len(await ids_of(store)) == 5
+    assert storage_logs(caplog, logging.WARNING) == []
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"\x00" * 4096, b"garbage", b"{not json}\n{more}\n", b'{"op":"pub","seq":9', b"\n\n\n"],
+    ids=["zeros", "text", "lines", "half-record", "newlines"],
+)
+async def test_garbage_after_last_record_is_cut_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, garbage: bytes
+) -> None:
+    caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
+    path = await _write_queue(tmp_path, 3)
+    size = path.stat().st_size
+    with path.open("ab") as file:
+        file.write(garbage)
+    async with opened(tmp_path) as store:
+        assert await ids_of(store) == ["m0", "m1", "m2"]
+        await store.append([qmsg("m3")])
+    warnings = storage_logs(caplog, logging.WARNING)
+    assert len(warnings) == 1
+    assert f"offset {size}" in warnings[0].getMessage()
+    async with opened(tmp_path) as store:
+        assert await ids_of(store) == ["m0", "m1", "m2", "m3"]
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_corrupt_middle_record_is_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, seed: int
+) -> None:
+    caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
+    path = await _write_queue(tmp_path, 20)
+    data = bytearray(path.read_bytes())
+    starts = [0, *[i + 1 for i, byte in enumerate(data) if byte == ord("\n")][:-1]]
+    victim = starts[10]
+    end = starts[11] - 1  # the victim's newline
+    rng = random.Random(seed)
+    for _ in range(rng.randint(1, 5)):
+        at = rng.randrange(victim, end)
+        data[at] ^= 1 << rng.randrange(8)
+    path.write_bytes(bytes(data))
+    store = FileStore(tmp_path)
+    recovery = await store.open()
+    try:
+        assert await ids_of(store) == [f"m{i}" for i in range(20) if i != 10]
+    finally:
+        await store.close()
+    errors = storage_logs(caplog, logging.ERROR)
+    assert len(errors) == 1
+    assert str(path) in errors[0].getMessage()
+    assert f"offset {victim}" in errors[0].getMessage()
+    assert storage_logs(caplog, logging.WARNING) == []
+    assert recovery.corrupt_records == 1
+
+
+async def test_damaged_newline_loses_no_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
+    path = await _write_queue(tmp_path, 5)
+    data = bytearray(path.read_bytes())
+    second_newline = data.index(b"\n", data.index(b"\n") + 1)
+    data[second_newline] ^= 0x40
+    path.write_bytes(bytes(data))
+    async with opened(tmp_path) as store:
+        assert await ids_of(store) == ["m0", "m1", "m2", "m3", "m4"]
+    errors = storage_logs(caplog, logging.ERROR)
+    assert len(errors) == 1
+    assert f"offset {second_newline}" in errors[0].getMessage()
+
+
+async def test_corrupt_topic_record_is_never_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
+    async with opened(tmp_path) as store:
+        await store.append([tmsg(f"t{i}") for i in range(10)])
+    [path] = segment_files(tmp_path, "topics", T)
+    data = path.read_bytes()
+    at = data.index(b'"t4"', data.index(b'"id":"t4"') + 10)
+    path.write_bytes(data[:at] + b'"X4"' + data[at + 4 :])
+    async with opened(tmp_path) as store:
+        read = await store.read(T, 0, 100)
+        assert [m.message_id for m in read.messages] == [f"t{i}" for i in range(10) if i != 4]
+        assert read.end == 10
+        part = await store.read(T, 3, 2)
+        assert [m.message_id for m in part.messages] == ["t3", "t5"]
+    assert len(storage_logs(caplog, logging.ERROR)) == 1
+
+
+async def test_torn_cursor_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
+    async with opened(tmp_path) as store:
+        await store.append([tmsg("t0")])
+        await store.commit_cursors([CursorCommit(T, "a", 0)])
+        await store.commit_cursors([CursorCommit(T, "a", 1)])
+    path = segment_files(tmp_path, "topics", T)[0].parent / "cursors.log"
+    data = path.read_bytes()
+    path.write_bytes(data[:-7])
+    async with opened(tmp_path) as store:
+        assert await store.open_cursor(T, "a") == 0
+    assert len(storage_logs(caplog, logging.WARNING)) == 1
+
+
+async def test_unreadable_meta_moves_directory_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
+    async with opened(tmp_path) as store:
+        await store.append([qmsg("m0"), qmsg("k0", queue="keep")])
+    [path] = segment_files(tmp_path)
+    (path.parent / "meta.json").write_bytes(b"{broken")
+    empty = tmp_path / "topics" / "half-created"
+    empty.mkdir()
+    (empty / "00000000000000000000.log").write_bytes(b"")
+    async with opened(tmp_path) as store:
+        stats = await store.stats()
+        assert set(stats.queues) == {"keep"}
+        assert set(stats.topics) == set()
+    assert not empty.exists()
+    assert (tmp_path / "lost+found" / f"queue-{path.parent.name}" / path.name).exists()
+    assert len(storage_logs(caplog, logging.ERROR)) == 1
+
+
+# -- names ----------------------------------------------------------------------------
+
+HOSTILE_NAMES = [
+    "../../x",
+    "/abs",
+    "..",
+    ".",
+    ".hidden",
+    "trailing.",
+    "CON",
+    "con",
+    "nul.txt",
+    "NUL",
+    "com1",
+    "lpt9.log",
+    "a\\b",
+    "a/b/c",
+    "News",
+    "news",
+    "NEWS",
+    "%4Eews",
+    "ünïcödé",
+    "ünïcödé",  # the same name decomposed (NFD)
+    "日本語",
+    "😀",
+    "x" * 255,
+    "x" * 254 + "y",
+    "é" * 255,
+    "$dead.jobs",
+    "a b",
+    "~tilde",
+    "",
+]
+
+
+async def test_hostile_names_stay_inside_and_round_trip(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    names = list(dict.fromkeys(HOSTILE_NAMES))
+    async with opened(root) as store:
+        for i, name in enumerate(names):
+            results = await store.append([qmsg(f"q{i}", queue=name), tmsg(f"t{i}", topic=name)])
+            assert [r.failure for r in results] == [None, None]
+    entries = list(root.rglob("*"))
+    resolved_root = root.resolve()
+    for path in entries:
+        assert path.resolve().is_relative_to(resolved_root), path
+    for kind in ("queues", "topics"):
+        directories = [p.name for p in (root / kind).iterdir()]
+        assert len(directories) == len(names)
+        # Distinct even where the file system ignores case.
+        assert len({d.casefold() for d in directories}) == len(names)
+        assert all(len(d.encode()) <= 255 for d in directories)
+    assert set(os.listdir(tmp_path)) == {"data"}
+    async with opened(root) as store:
+        stats = await store.stats()
+        assert set(stats.queues) == set(names)
+        assert set(stats.topics) == set(names)
+        for i, name in enumerate(names):
+            assert await ids_of(store, name) == [f"q{i}"]
+            read = await store.read(name, 0, 10)
+            assert [m.message_id for m in read.messages] == [f"t{i}"]
+
+
+# -- space: segments, deletion, compaction, retention ------------------------------
+
+
+def disk_usage(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+async def test_disk_usage_stays_bounded_under_publish_ack_loop(tmp_path: Path) -> None:
+    segment_bytes = 4096
+    async with opened(tmp_path, segment_bytes=segment_bytes, fsync=FsyncPolicy.NEVER) as store:
+        peak = 0
+        for round_ in range(300):
+            ids = [f"r{round_}-{i}" for i in range(10)]
+            await store.append([qmsg(m) for m in ids])
+            [ds] = await store.claim([Claim(Q, ("c",) * 10)])
+            await store.settle([Settle(Q, d.message_id, "c", Outcome.ACK) for d in ds])
+            await store.maintain(1000.0 + round_)
+            peak = max(peak, disk_usage(tmp_path))
+        # 300 rounds wrote ~900 KiB of records; only about two segments are ever kept.
+        assert peak < 4 * segment_bytes
+        assert len(segment_files(tmp_path)) <= 2
+
+
+async def test_compaction_moves_live_messages_and_keeps_order(tmp_path: Path) -> None:
+    async with opened(tmp_path, segment_bytes=2048) as store:
+        await store.append([qmsg(f"m{i:03}") for i in range(200)])
+        [ds] = await store.claim([Claim(Q, ("c",) * 200)])
+        keep = {"m005", "m050", "m120"}
+        await store.settle(
+            [Settle(Q, d.message_id, "c", Outcome.ACK) for d in ds if d.message_id not in keep]
+        )
+        await store.settle([Settle(Q, "m050", "c", Outcome.REQUEUE)])
+        before = len(segment_files(tmp_path))
+        for i in range(before):
+            await store.maintain(1000.0 + i)
+        after = segment_files(tmp_path)
+        assert len(after) <= 2 < before
+        # m005 and m120 are still in flight: compaction does not disturb deliveries.
+        assert (await store.stats()).queues[Q].in_flight == 2
+    async with opened(tmp_path, segment_bytes=2048) as store:
+        assert await drain(store) == [("m005", 2), ("m050", 2), ("m120", 2)]
+
+
+async def test_retention_deletes_segments_and_survives_restart(tmp_path: Path) -> None:
+    retention = Retention(max_messages=20, max_bytes=None, max_age=None)
+    async with opened(tmp_path, segment_bytes=1024, retention=retention) as store:
+        for i in range(200):
+            await store.append([tmsg(f"t{i}")])
+        before = len(segment_files(tmp_path, "topics", T))
+        await store.maintain(2000.0)
+        stats = (await store.stats()).topics[T]
+        assert 20 <= stats.retained < 40
+        assert len(segment_files(tmp_path, "topics", T)) < before
+    async with opened(tmp_path, segment_bytes=1024, retention=retention) as store:
+        again = (await store.stats()).topics[T]
+        assert (again.first, again.end) == (stats.first, stats.end)
+        read = await store.read(T, 0, 1000)
+        assert read.first == stats.first
+        assert [m.position for m in read.messages] == list(range(stats.first, 200))
+
+
+async def test_cursor_log_is_compacted(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        await store.append([tmsg("t0")])
+        commits = [CursorCommit(T, f"c{i % 5}", i) for i in range(6000)]
+        assert await store.commit_cursors(commits) == [None] * 6000
+        path = segment_files(tmp_path, "topics", T)[0].parent / "cursors.log"
+        before = path.stat().st_size
+        await store.maintain(1000.0)
+        assert path.stat().st_size < before // 100
+        await store.commit_cursors([CursorCommit(T, "c0", 7)])
+    async with opened(tmp_path) as store:
+        cursors = dict((await store.stats()).topics[T].cursors)
+        assert cursors == {"c0": 7, "c1": 5996, "c2": 5997, "c3": 5998, "c4": 5999}
+
+
+async def test_large_payloads_read_back(tmp_path: Path) -> None:
+    big = b'"' + b"z" * 300_000 + b'"'
+    async with opened(tmp_path, segment_bytes=100_000) as store:
+        await store.append(
+            [Append(Kind.TOPIC, T, StoredMessage(f"b{i}", big, 1.0)) for i in range(3)]
+        )
+    async with opened(tmp_path, segment_bytes=100_000) as store:
+        read = await store.read(T, 1, 5)
+        assert [m.message_id for m in read.messages] == ["b1", "b2"]
+        assert read.messages[0].payload == big
+
+
+# -- locking ----------------------------------------------------------------------------
+
+
+async def test_lock_prevents_second_open(tmp_path: Path) -> None:
+    async with opened(tmp_path):
+        second = FileStore(tmp_path)
+        with pytest.raises(StorageError, match="in use"):
+            await second.open()
+    async with opened(tmp_path) as store:
+        assert store.writable() is None
+
+
+# -- durability and group commit ----------------------------------------------------
+
+
+async def test_always_syncs_before_append_returns(tmp_path: Path) -> None:
+    fs = CountingFS()
+    async with opened(tmp_path, fs=fs) as store:
+        before = fs.syncs
+        await store.append([qmsg("m0")])
+        assert fs.syncs > before
+        synced = fs.syncs
+        await store.claim([Claim(Q, ("c",))])
+        assert fs.syncs == synced  # claims without auto_ack write nothing
+        await store.settle([Settle(Q, "m0", "c", Outcome.ACK)])
+        assert fs.syncs > synced
+        assert threading.get_ident() not in fs.sync_threads
+
+
+async def test_concurrent_appends_share_fsyncs(tmp_path: Path) -> None:
+    fs = GatedFS()
+    loop = asyncio.get_running_loop()
+    async with opened(tmp_path, fs=fs) as store:
+        fs.gate.set()
+        await store.append([qmsg("warm-up")])
+        fs.gate.clear()
+        fs.entered.clear()
+        syncs = fs.syncs
+        first = asyncio.create_task(store.append([qmsg("m0")]))
+        assert await loop.run_in_executor(None, fs.entered.wait, 10)
+        writes = fs.writes
+        rest = [asyncio.create_task(store.append([qmsg(f"m{i}")])) for i in range(1, 11)]
+        await asyncio.sleep(0)  # let every task write
+        assert fs.writes == writes + 10  # written at once, not waiting for the fsync
+        assert not first.done()
+        fs.gate.set()
+        results = await asyncio.gather(first, *rest)
+        assert all(r[0].failure is None for r in results)
+        assert fs.syncs - syncs == 2  # one running round, then one for all ten
+        assert await ids_of(store) == ["warm-up"] + [f"m{i}" for i in range(11)]
+
+
+async def test_message_not_claimable_until_append_completes(tmp_path: Path) -> None:
+    fs = GatedFS()
+    loop = asyncio.get_running_loop()
+    async with opened(tmp_path, fs=fs) as store:
+        pending = asyncio.create_task(store.append([qmsg("m0"), tmsg("t0")]))
+        assert await loop.run_in_executor(None, fs.entered.wait, 10)
+        assert await store.claim([Claim(Q, ("c",))]) == [[]]
+        assert (await store.read(T, 0, 10)).messages == ()
+        assert (await store.stats()).queues[Q].ready == 0
+        fs.gate.set()
+        await pending
+        assert await ids_of(store) == ["m0"]
+        assert [m.message_id for m in (await store.read(T, 0, 10)).messages] == ["t0"]
+
+
+async def test_settle_racing_release_while_fsync_runs(tmp_path: Path) -> None:
+    fs = GatedFS()
+    fs.gate.set()
+    loop = asyncio.get_running_loop()
+    async with opened(tmp_path, fs=fs) as store:
+        await store.append([qmsg("m0"), qmsg("m1")])
+        await store.claim([Claim(Q, ("a", "a"))])
+        fs.gate.clear()
+        fs.entered.clear()
+        settling = asyncio.create_task(store.settle([Settle(Q, "m0", "a", Outcome.ACK)]))
+        assert await loop.run_in_executor(None, fs.entered.wait, 10)
+        assert await store.release(Q, "a") == 1  # m1 only
+        assert await store.reclaim(float("inf")) == []
+        fs.gate.set()
+        [settled] = await settling
+        assert settled.found
+        assert await ids_of(store) == ["m1"]
+
+
+async def test_cancelled_append_still_takes_effect(tmp_path: Path) -> None:
+    fs = GatedFS()
+    loop = asyncio.get_running_loop()
+    async with opened(tmp_path, fs=fs) as store:
+        pending = asyncio.create_task(store.append([qmsg("m0")]))
+        assert await loop.run_in_executor(None, fs.entered.wait, 10)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        fs.gate.set()
+        await store.append([qmsg("m1")])
+        assert await ids_of(store) == ["m0", "m1"]
+
+
+async def test_everysec_syncs_in_maintain(tmp_path: Path) -> None:
+    fs = CountingFS()
+    async with opened(tmp_path, fs=fs, fsync=FsyncPolicy.EVERYSEC) as store:
+        await store.append([qmsg("m0")])
+        assert fs.syncs == 0
+        await store.maintain(100.0)
+        synced = fs.syncs
+        assert synced > 0
+        await store.append([qmsg("m1")])
+        await store.maintain(100.5)
+        assert fs.syncs == synced
+        await store.maintain(101.0)
+        assert fs.syncs > synced
+        assert threading.get_ident() not in fs.sync_threads
+
+
+async def test_never_syncs_only_on_close(tmp_path: Path) -> None:
+    fs = CountingFS()
+    store = FileStore(tmp_path, fs=fs, fsync=FsyncPolicy.NEVER)
+    await store.open()
+    await store.append([qmsg(f"m{i}") for i in range(10)])
+    await store.maintain(100.0)
+    await store.maintain(200.0)
+    assert fs.syncs == 0
+    await store.close()
+    assert fs.syncs > 0
+
+
+# -- faults -----------------------------------------------------------------------------
+
+
+async def test_disk_full_fails_items_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
+    fs = LimitedFS()
+    async with opened(tmp_path, fs=fs) as store:
+        await store.append([qmsg("m0"), tmsg("t0")])
+        [path] = segment_files(tmp_path)
+        size = path.stat().st_size
+        fs.space = 100  # part of the batch fits: a partial write, then ENOSPC
+        results = await store.append([qmsg(f"m{i}") for i in range(1, 11)] + [tmsg("t1")])
+        assert {r.failure for r in results} == {StoreFailure.STORAGE_FULL}
+        assert path.stat().st_size == size  # the partial record was cut off
+        assert store.writable() is None
+        assert (await store.stats()).queues[Q].ready == 1
+        assert len(storage_logs(caplog, logging.ERROR)) == 1  # once, not per batch
+        # A settle that cannot be logged leaves the message in flight.
+        await store.claim([Claim(Q, ("c",))])
+        fs.space = 0
+        [settled] = await store.settle([Settle(Q, "m0", "c", Outcome.ACK)])
+        assert settled.found
+        assert settled.failure is StoreFailure.STORAGE_FULL
+        assert (await store.stats()).queues[Q].in_flight == 1
+        # A new queue cannot even be created.
+        [created] = await store.append([qmsg("n0", queue="new")])
+        assert created.failure is StoreFailure.STORAGE_FULL
+        fs.space = None  # space was freed
+        [settled] = await store.settle([Settle(Q, "m0", "c", Outcome.ACK)])
+        assert settled.found
+        assert settled.failure is None
+        results = await store.append([qmsg("m1"), tmsg("t1"), qmsg("n0", queue="new")])
+        assert [r.failure for r in results] == [None, None, None]
+        assert results[1].position == 1  # no position was lost to the failed batch
+    async with opened(tmp_path) as store:
+        assert await ids_of(store) == ["m1"]
+        assert await ids_of(store, "new") == ["n0"]
+        assert [m.message_id for m in (await store.read(T, 0, 10)).messages] == ["t0", "t1"]
+
+
+async def test_fsync_failure_turns_store_read_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
+    fs = FailingSyncFS()
+    async with opened(tmp_path, fs=fs) as store:
+        await store.append([qmsg("m0"), qmsg("m1")])
+        await store.claim([Claim(Q, ("c",))])
+        fs.broken = True
+        results = await store.append([qmsg("m2"), tmsg("t0")])
+        assert {r.failure for r in results} == {StoreFailure.STORAGE_ERROR}
+        assert store.writable() is StoreFailure.STORAGE_ERROR
+        assert (await store.stats()).read_only is StoreFailure.STORAGE_ERROR
+        errors = storage_logs(caplog, logging.ERROR)
+        assert len(errors) == 1
+        assert "read-only" in errors[0].getMessage()
+        fs.broken = False  # even if the disk seems fine again: no retry-then-ack
+        [later] = await store.append([qmsg("m3")])
+        assert later.failure is StoreFailure.STORAGE_ERROR
+        [settled] = await store.settle([Settle(Q, "m0", "c", Outcome.ACK)])
+        assert settled.failure is StoreFailure.STORAGE_ERROR
+        assert await store.commit_cursors([CursorCommit(T, "x", 0)]) == [StoreFailure.STORAGE_ERROR]
+        # The failed message never became claimable; what was there still is.
+        assert await ids_of(store) == ["m1"]
+
+
+async def test_closed_store_refuses_operations(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    await store.open()
+    await store.close()
+    await store.close()  # idempotent
+    with pytest.raises(StorageError):
+        await store.append([qmsg("m0")])
