@@ -786,11 +786,13 @@ class Router:
     def _cursor_opened(
         self, sub: DurableSub, slot: Slot, request: Subscribe, position: int
     ) -> None:
+        # The subscribe succeeded even if the subscription has ended since (the peer
+        # half-closed, or unsubscribed in the same batch): its reply is owed either way.
+        self._fill(sub.session, slot, _subscribed(request))
         if not sub.active:
             return
         sub.attached = True
         sub.next_position = sub.committed = position
-        self._fill(sub.session, slot, _subscribed(request))
         self._to_pump[id(sub)] = sub
 
     def _cursor_failed(self, sub: DurableSub, slot: Slot, request: Subscribe) -> None:
@@ -940,7 +942,12 @@ class Router:
             if commit and sub.attached:
                 self._to_commit[id(sub)] = sub
             else:
+                # The cursor is being deleted (or never opened): acks waiting for its
+                # next commit are answered now, there is nothing left to record.
                 self._to_commit.pop(id(sub), None)
+                for slot, rid, message_id in sub.ack_waiters:
+                    self._fill(session, slot, encode_ack(rid, message_id))
+                sub.ack_waiters = []
 
     # ------------------------------------------------------------------
     # Status

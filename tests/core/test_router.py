@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from msg.persistence import StoreFailure
+from msg.protocol.codec import parse_request
 from tests.core.harness import Harness
 
 
@@ -19,8 +21,13 @@ def subscribe(topic: str, mode: str = "pubsub", **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def h() -> Harness:
-    return Harness()
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    yield harness
+    # Whatever a test did, every request that was answered "later" has been answered.
+    harness.pump()
+    for session_id in harness.received:
+        assert harness.router.pending_replies(session_id) == 0
 
 
 # ---------------------------------------------------------------------------
@@ -358,3 +365,37 @@ def test_status_reports_queues_topics_connections_and_rates(h: Harness) -> None:
     assert status["totals"]["published"] == 4
     assert set(status["rates"]) == {"published_per_s", "delivered_per_s", "acked_per_s"}
     assert status["uptime"] >= 1
+
+
+# ---------------------------------------------------------------------------
+# every reply is owed, whatever happens in between
+
+
+def test_a_durable_subscribe_ended_before_its_cursor_opened_is_still_answered(
+    h: Harness,
+) -> None:
+    s = h.connect()
+    frames: list[Any] = [
+        parse_request(subscribe("news", durable="svc")),
+        parse_request({"action": "ping"}),
+    ]
+    h.router.handle(s, frames, h.now)
+    # The peer half-closes before the store has opened the cursor.
+    h.router.end_subscriptions(s)
+    h.pump()
+    assert [f["type"] for f in h.take(s)] == ["ack", "pong"]
+    assert h.router.pending_replies(s) == 0
+
+
+def test_acks_waiting_on_a_forgotten_durable_cursor_are_answered(h: Harness) -> None:
+    pub, s = h.connect(), h.connect()
+    h.send(s, subscribe("news", durable="svc", ack="manual"))
+    h.send(pub, publish("news", 1))
+    [m] = h.messages(s)
+    frames = h.send(
+        s,
+        {"action": "ack", "message_id": m["message_id"], "id": "a"},
+        {"action": "unsubscribe", "topic": "news", "durable": "svc", "id": "u"},
+    )
+    assert [(f["type"], f["id"]) for f in frames] == [("ack", "a"), ("ack", "u")]
+    assert h.router.pending_replies(s) == 0
