@@ -17,8 +17,25 @@ MSG = Path(__file__).resolve().parents[1] / "msg"
 
 # package -> imports it must never make (module prefixes)
 FORBIDDEN: dict[str, tuple[str, ...]] = {
-    "protocol": ("msg.core", "msg.storage", "msg.persistence", "msg.broker", "msg.client", "asyncio", "socket"),
-    "core": ("msg.storage", "msg.broker", "msg.client", "asyncio", "socket", "os", "time", "threading"),
+    "protocol": (
+        "msg.core",
+        "msg.storage",
+        "msg.persistence",
+        "msg.broker",
+        "msg.client",
+        "asyncio",
+        "socket",
+    ),
+    "core": (
+        "msg.storage",
+        "msg.broker",
+        "msg.client",
+        "asyncio",
+        "socket",
+        "os",
+        "time",
+        "threading",
+    ),
     "storage": ("msg.protocol", "msg.core", "msg.broker", "msg.client"),
     "client": ("msg.core", "msg.storage", "msg.persistence", "msg.broker"),
 }

@@ -230,7 +230,7 @@ class Server:
                     f"the broker has reached its limit of {self.config.max_connections} connections"
                 )
             )
-            code = ErrorCode.SHUTTING_DOWN if self._stopping else ErrorCode.INTERNAL_ERROR
+            code = ErrorCode.SHUTTING_DOWN if self._stopping else ErrorCode.TOO_MANY_CONNECTIONS
             log.warning("refusing connection from %s: %s", connection.peer, reason)
             connection.abort_with(encode_error(code, reason))
             return

@@ -319,9 +319,7 @@ class Router:
                 self._pump(sub)
         if self._to_commit:
             self._commit_cursors()
-        self._appends = None
-        self._claims = None
-        self._settles = None
+        self._close_batches()
 
     # ------------------------------------------------------------------
     # Request handlers
@@ -954,13 +952,17 @@ class Router:
 
     def _status(self, stats: StoreStats, rid: JsonScalar, now: float) -> bytes:
         queues: dict[str, dict[str, Any]] = {}
-        for name, queue_stats in sorted(stats.queues.items()):
+        # A queue the store has never held a message of still shows while it has
+        # consumers: someone is waiting on it.
+        queue_names = set(stats.queues) | {n for n, q in self._queues.items() if q.consumers}
+        for name in sorted(queue_names):
+            queue_stats = stats.queues.get(name)
             queue = self._queues.get(name)
             queues[name] = {
-                "depth": queue_stats.ready,
-                "unacked": queue_stats.in_flight,
+                "depth": queue_stats.ready if queue_stats else 0,
+                "unacked": queue_stats.in_flight if queue_stats else 0,
                 "consumers": len(queue.consumers) if queue else 0,
-                "bytes": queue_stats.bytes,
+                "bytes": queue_stats.bytes if queue_stats else 0,
                 "published": queue.published if queue else 0,
                 "delivered": queue.delivered if queue else 0,
                 "acked": queue.acked if queue else 0,
@@ -1040,38 +1042,56 @@ class Router:
         done: Callable[[Any], None],
         failed: Callable[[BaseException], None] | None = None,
     ) -> None:
+        """Queue a single (unbatched) store call.
+
+        The store applies calls in order, so a batch opened before this call is closed:
+        an item that arrives later must take effect after this call, not before it (a
+        publish after a durable subscribe must land after the cursor is opened).
+        """
+        self._close_batches()
         self._calls.append(StoreCall(name, run, done, failed or _log_failure(name)))
 
-    # Each batch becomes one store call when its first item arrives; later items of the
-    # same loop iteration join it, and _flush_pending closes it.
+    def _close_batches(self) -> None:
+        self._appends = None
+        self._claims = None
+        self._settles = None
+
+    # Each batch becomes one store call when its first item arrives; later items join
+    # it until a single call or the end of the loop iteration closes it.
 
     def _new_append_batch(self) -> _AppendBatch:
         batch = self._appends = _AppendBatch()
-        self._call(
-            "append",
-            lambda store: store.append(batch.items),
-            lambda results: self._appended(batch, results),
-            lambda exc: self._append_failed(batch),
+        self._calls.append(
+            StoreCall(
+                "append",
+                lambda store: store.append(batch.items),
+                lambda results: self._appended(batch, results),
+                lambda exc: self._append_failed(batch),
+            )
         )
         return batch
 
     def _new_claim_batch(self) -> _ClaimBatch:
         batch = self._claims = _ClaimBatch()
-        self._call(
-            "claim",
-            lambda store: store.claim(batch.claims),
-            lambda results: self._claimed(batch, results),
-            lambda exc: self._claim_failed(batch),
+        self._calls.append(
+            StoreCall(
+                "claim",
+                lambda store: store.claim(batch.claims),
+                lambda results: self._claimed(batch, results),
+                lambda exc: self._claim_failed(batch),
+            )
         )
         return batch
 
     def _new_settle_batch(self) -> _SettleBatch:
         batch = self._settles = _SettleBatch()
-        self._call(
-            "settle",
-            lambda store: store.settle(batch.items),
-            lambda results: self._settled(batch, results),
-            lambda exc: self._settle_failed(batch),
+        self._calls.append(
+            StoreCall(
+                "settle",
+                lambda store: store.settle(batch.items),
+                lambda results: self._settled(batch, results),
+                lambda exc: self._settle_failed(batch),
+            )
         )
         return batch
 

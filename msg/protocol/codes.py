@@ -40,6 +40,8 @@ class ErrorCode(StrEnum):
     """The message was not stored: the storage failed. Nothing was acked."""
     QUEUE_FULL = "queue_full"
     """The queue holds its maximum number of messages."""
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    """The broker has as many connections as it allows; this one is closed."""
     SHUTTING_DOWN = "shutting_down"
     """The broker is stopping and accepts no new work."""
     INTERNAL_ERROR = "internal_error"

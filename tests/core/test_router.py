@@ -399,3 +399,23 @@ def test_acks_waiting_on_a_forgotten_durable_cursor_are_answered(h: Harness) -> 
     )
     assert [(f["type"], f["id"]) for f in frames] == [("ack", "a"), ("ack", "u")]
     assert h.router.pending_replies(s) == 0
+
+
+def test_a_publish_after_a_durable_subscribe_in_one_batch_reaches_it(h: Harness) -> None:
+    s = h.connect()
+    frames = h.exchange(
+        s,
+        publish("jobs", 0, "queue"),
+        subscribe("d", durable="x"),
+        publish("d", "after"),
+    )
+    assert [f["type"] for f in frames] == ["ack", "ack", "ack", "message"]
+    assert frames[-1]["message"] == "after"
+
+
+def test_status_lists_a_queue_that_only_has_consumers(h: Harness) -> None:
+    s = h.connect()
+    h.send(s, subscribe("empty", "queue"))
+    [status] = h.send(s, {"action": "status"})
+    assert status["queues"]["empty"]["consumers"] == 1
+    assert status["queues"]["empty"]["depth"] == 0
