@@ -159,14 +159,15 @@ class Server:
             else "in-memory storage (nothing survives a restart)"
         )
         fsync = f", fsync {self.config.fsync.value}" if self.config.storage == "file" else ""
+        loop_kind = type(self._loop).__module__.split(".")[0]
         log.info(
-            "msg %s listening on %s (%s%s; json %s, loop %s)",
+            "msg %s listening on %s (%s%s; %s, %s)",
             __version__,
             where,
             data,
             fsync,
-            jsonlib.IMPLEMENTATION,
-            type(self._loop).__module__.split(".")[0],
+            "orjson" if jsonlib.IMPLEMENTATION == "orjson" else "stdlib json",
+            "uvloop" if loop_kind == "uvloop" else "asyncio loop",
         )
 
     async def _listen(self, host: str) -> asyncio.Server:
