@@ -14,7 +14,10 @@ state, and the core does not change.
 
 The seam is a set of operations on queues and topics, each taking a *batch* so that
 the broker pays for one storage round trip (one group commit, one pipeline) per loop
-iteration, never one per message:
+iteration, never one per message. Batches are columnar where they run once per
+message: an :class:`Append` carries all the messages of one iteration bound for one
+queue or topic as parallel lists, a :class:`Settle` all the acks of one consumer, so
+the broker builds no object per message to cross the seam:
 
 ===================  ===========================================================
 ``append``           store new messages (queues and topics); the result is final
@@ -37,8 +40,12 @@ Rules every backend keeps (the contract suite in ``tests/storage`` checks them):
   arrive later. A message becomes claimable only once its append has completed.
 - msg makes message ids; a backend stores them and never invents its own.
 - ``append`` and ``settle`` fail per item, with a :class:`StoreFailure`; a failed
-  item changed nothing. A store that has had an I/O error it cannot vouch for turns
-  read-only: :meth:`Store.writable` then reports it, and appends fail.
+  item changed nothing. Within one :class:`Append`, the messages stored are always a
+  prefix: ``positions`` has one entry per message stored, and the rest failed. A
+  :class:`Settle` succeeds or fails as a whole, except for message ids that were not
+  in flight to that consumer, which it lists and leaves alone. A store that has had
+  an I/O error it cannot vouch for turns read-only: :meth:`Store.writable` then
+  reports it, and appends fail.
 - Messages claimed with ``auto_ack`` are gone once claimed. Otherwise a message
   stays in flight until settled, released or reclaimed, and ``attempt`` counts its
   deliveries.
@@ -80,7 +87,6 @@ __all__ = [
     "Store",
     "StoreFailure",
     "StoreStats",
-    "StoredMessage",
     "TopicMessage",
     "TopicRead",
     "TopicStats",
@@ -145,29 +151,34 @@ class Retention:
 
 
 @dataclass(frozen=True, slots=True)
-class StoredMessage:
-    """A message as the store keeps it. ``payload`` is the JSON-encoded value."""
+class Append:
+    """Store messages at the end of queue or topic ``name``, in order.
 
-    message_id: str
-    payload: bytes
+    ``message_ids`` and ``payloads`` are parallel: message ``i`` has id
+    ``message_ids[i]`` and JSON-encoded value ``payloads[i]``. All were published in
+    the same loop iteration, at ``published_at``. A message whose id the queue or topic
+    already holds is not stored again (an append resent after a lost connection
+    creates no duplicates); its existing position is reported.
+    """
+
+    kind: Kind
+    name: str
+    message_ids: Sequence[str]
+    payloads: Sequence[bytes]
     published_at: float
 
 
 @dataclass(frozen=True, slots=True)
-class Append:
-    """Store ``message`` at the end of queue or topic ``name``."""
-
-    kind: Kind
-    name: str
-    message: StoredMessage
-
-
-@dataclass(frozen=True, slots=True)
 class Appended:
-    """Result of one :class:`Append`: its position, or why it was not stored."""
+    """Result of one :class:`Append`: where its messages are, or why not.
 
-    position: int = 0
-    """Queues: the message's sequence number. Topics: its log position."""
+    ``positions[i]`` is message ``i``'s position (queues: its sequence number; topics:
+    its log position). Messages from ``len(positions)`` on were not stored, because of
+    ``failure``. When every message was new, ``positions`` is a ``range`` (no list is
+    built per message); compare it element-wise, never with ``==`` against a list.
+    """
+
+    positions: Sequence[int] = ()
     failure: StoreFailure | None = None
     detail: str = ""
 
@@ -190,9 +201,12 @@ class Claim:
     """When unsettled deliveries of this claim may be reclaimed (see ``reclaim``)."""
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per message delivered, on the broker's hot path, and a
+# frozen dataclass's __init__ costs three times as much. The store may keep a reference
+# to each Delivery it hands out (a redelivery gets a new one): never mutate one.
+@dataclass(slots=True)
 class Delivery:
-    """One message handed to one consumer."""
+    """One message handed to one consumer. Read-only by contract."""
 
     queue: str
     consumer: str
@@ -207,23 +221,29 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Settle:
-    """Finish an in-flight message that ``consumer`` holds."""
+    """Finish in-flight messages of ``queue`` that ``consumer`` holds, all the same way.
+
+    An id given twice is settled once (not reported as unknown). "None of the group was
+    settled" on failure is about results: a crash may tear the group's write, and the
+    torn messages come back after the restart (at least once, never lost).
+    """
 
     queue: str
-    message_id: str
     consumer: str
+    message_ids: Sequence[str]
     outcome: Outcome
     reason: str | None = None
-    """For dead letters: why the consumer rejected it, kept with the message."""
+    """For dead letters: why the consumer rejected them, kept with the messages."""
 
 
 @dataclass(frozen=True, slots=True)
 class Settled:
     """Result of one :class:`Settle`."""
 
-    found: bool
-    """False if the message was not in flight to that consumer (nothing changed)."""
+    unknown: frozenset[str] = frozenset()
+    """Ids that were not in flight to that consumer: nothing changed for them."""
     failure: StoreFailure | None = None
+    """If set, none of the messages was settled."""
 
 
 @dataclass(frozen=True, slots=True)

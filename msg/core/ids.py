@@ -22,6 +22,10 @@ class IdSource(Protocol):
         """A new id, never returned before (by this source or an earlier run)."""
         ...
 
+    def next_ids(self, count: int) -> list[str]:
+        """``count`` new ids at once (the publishes of one read)."""
+        ...
+
 
 class SequentialIds:
     """Ids of the form ``<prefix>-<n>``: unique if the prefix is unique per run.
@@ -40,3 +44,10 @@ class SequentialIds:
 
     def next_id(self) -> str:
         return self._prefix + str(next(self._counter))
+
+    def next_ids(self, count: int) -> list[str]:
+        prefix = self._prefix
+        first = next(self._counter)
+        # Skip the counter ahead; count >= 1, and the first number is already taken.
+        self._counter = itertools.count(first + count)
+        return [prefix + str(number) for number in range(first, first + count)]

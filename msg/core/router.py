@@ -41,8 +41,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
+from msg.core.batches import (
+    STORE_TEXT,
+    AppendBatch,
+    AppendGroup,
+    ReplyRun,
+    SettleBatch,
+    fail_all,
+)
 from msg.core.effects import AnyStoreCall, Close, StoreCall
 from msg.core.ids import IdSource
 from msg.core.model import (
@@ -54,10 +62,9 @@ from msg.core.model import (
     Subscription,
     TopicState,
 )
-from msg.core.outbound import Slot
+from msg.core.outbound import Outbound, Slot
 from msg.core.stats import Counters, Rates
 from msg.persistence import (
-    Append,
     Appended,
     Claim,
     CursorCommit,
@@ -66,10 +73,8 @@ from msg.persistence import (
     Outcome,
     Reclaimed,
     Recovery,
-    Settle,
     Settled,
     Store,
-    StoredMessage,
     StoreFailure,
     StoreStats,
     TopicRead,
@@ -111,28 +116,12 @@ DEFAULT_ACK_TIMEOUT: Final = 30 * 60.0
 # write.
 _MAX_CLAIM_SLOTS: Final = 4096
 
+# The end of a delivery frame, around the message id (see encode_delivery).
+_ID_HEAD: Final = b',"message_id":"'
+_ID_TAIL: Final = b'"}\n'
+
 # Catch-up reads of a durable subscription fetch at most this many messages at once.
 _MAX_READ: Final = 1024
-
-_STORE_TEXT: Final[Mapping[StoreFailure, str]] = {
-    StoreFailure.STORAGE_FULL: "not stored: the broker's disk is full",
-    StoreFailure.STORAGE_ERROR: "not stored: the broker's storage failed; it accepts no "
-    "publishes until restarted",
-    StoreFailure.QUEUE_FULL: "not stored: the queue holds its maximum number of messages",
-}
-
-
-@dataclass(slots=True)
-class _PublishWaiter:
-    session: Session
-    slot: Slot
-    rid: JsonScalar
-
-
-@dataclass(slots=True)
-class _AppendBatch:
-    items: list[Append] = field(default_factory=list)
-    waiters: list[_PublishWaiter] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -140,19 +129,6 @@ class _ClaimBatch:
     claims: list[Claim] = field(default_factory=list)
     queues: list[tuple[QueueState, int]] = field(default_factory=list)
     """Per claim: the queue and its ready generation when the claim was made."""
-
-
-@dataclass(slots=True)
-class _SettleWaiter:
-    session: Session
-    slot: Slot
-    rid: JsonScalar
-
-
-@dataclass(slots=True)
-class _SettleBatch:
-    items: list[Settle] = field(default_factory=list)
-    waiters: list[_SettleWaiter] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -186,9 +162,11 @@ class Router:
         self._dirty: dict[int, Session] = {}
         self._calls: list[AnyStoreCall] = []
         self._closes: list[Close] = []
-        self._appends: _AppendBatch | None = None
+        self._appends: AppendBatch | None = None
         self._claims: _ClaimBatch | None = None
-        self._settles: _SettleBatch | None = None
+        self._settles: SettleBatch | None = None
+        self._run: ReplyRun | None = None
+        """The reply run the current request may join (see msg.core.batches)."""
         self._to_dispatch: dict[str, QueueState] = {}
         self._to_commit: dict[int, DurableSub] = {}
         self._to_pump: dict[int, DurableSub] = {}
@@ -246,8 +224,23 @@ class Router:
         session = self._sessions[session_id]
         self._now_hint = now
         handlers = _HANDLERS
-        for request in requests:
-            handlers[type(request)](self, session, request, now)
+        self._run = None
+        index = 0
+        count = len(requests)
+        while index < count:
+            request = requests[index]
+            kind = type(request)
+            if kind is Publish:
+                # Publishes come in long runs: handled together, in one tight loop.
+                index = self._publish_many(session, requests, index, now)
+                continue
+            if kind is not Ack:
+                # Only consecutive publishes and acks share a reply run: any other reply
+                # must come after the run's replies.
+                self._run = None
+            handlers[kind](self, session, request, now)
+            index += 1
+        self._run = None
         self._dirty[session_id] = session
 
     def drained(self, session_id: int) -> None:
@@ -335,41 +328,98 @@ class Router:
         else:
             session.out.send(encode_reply({"type": "pong", "id": request.id}))
 
-    def _on_publish(self, session: Session, request: Publish, now: float) -> None:
-        if self.stopping:
-            self._reject(
-                session, ErrorCode.SHUTTING_DOWN, "the broker is shutting down", request.id
-            )
-            return
-        if self.read_only is not None:
-            self._reject(
-                session, ErrorCode(self.read_only.value), _STORE_TEXT[self.read_only], request.id
-            )
-            return
-        message_id = self._ids.next_id()
-        if request.mode is Mode.PUBSUB:
-            topic = self._topics.get(request.topic) or self._topic(request.topic)
-            topic.published += 1
-            subscribers = topic.subscribers
-            if subscribers:
-                frame = encode_delivery(topic.prefix, request.payload, message_id)
-                dirty = self._dirty
-                for subscriber in subscribers.values():
-                    subscriber.out.send(frame)
-                    dirty[subscriber.id] = subscriber
-                topic.delivered += len(subscribers)
-                self.counters.delivered += len(subscribers)
-            kind = Kind.TOPIC
-        else:
-            queue = self._queues.get(request.topic) or self._queue(request.topic)
-            queue.published += 1
-            kind = Kind.QUEUE
-        batch = self._appends or self._new_append_batch()
-        batch.items.append(
-            Append(kind, request.topic, StoredMessage(message_id, request.payload, now))
-        )
-        batch.waiters.append(_PublishWaiter(session, session.out.reserve(), request.id))
-        self.counters.published += 1
+    def _publish_many(
+        self, session: Session, requests: Sequence[Request | RequestError], start: int, now: float
+    ) -> int:
+        """Handle the consecutive publishes from ``requests[start]`` on; return where they end.
+
+        This is the broker's hottest loop, so it hoists every lookup it can out of the
+        per-message path: ids are made for the whole run at once, and the destination
+        (its state, its append group, its live subscribers) is looked up again only when
+        it changes from one message to the next.
+        """
+        end = start + 1
+        count = len(requests)
+        while end < count and type(requests[end]) is Publish:
+            end += 1
+        if self.stopping or self.read_only is not None:
+            self._run = None
+            if self.stopping:
+                code, text = ErrorCode.SHUTTING_DOWN, "the broker is shutting down"
+            else:
+                assert self.read_only is not None
+                code, text = ErrorCode(self.read_only.value), STORE_TEXT[self.read_only]
+            for request in requests[start:end]:
+                self._reject(session, code, text, request.id)
+            return end
+        publishes = cast(list[Publish], requests[start:end])
+        message_ids = self._ids.next_ids(end - start)
+        batch = self._appends or self._new_append_batch(now)
+        run = ReplyRun(session, batch)
+        batch.runs.append(run)
+        segments = run.segments
+        delivered = 0
+        # A segment is a stretch of consecutive messages for one destination.
+        request = publishes[0]
+        name = request.topic
+        mode = request.mode
+        state, group, outs, prefix = self._destination(batch, name, mode)
+        group_ids = group.message_ids
+        group_payloads = group.payloads
+        first = len(group_ids)
+        count = 0
+        for number, request in enumerate(publishes):
+            if request.topic != name or request.mode is not mode:
+                segments.append((group, first, count))
+                state.published += count
+                state.delivered += count * len(outs)
+                delivered += count * len(outs)
+                name = request.topic
+                mode = request.mode
+                state, group, outs, prefix = self._destination(batch, name, mode)
+                group_ids = group.message_ids
+                group_payloads = group.payloads
+                first = len(group_ids)
+                count = 0
+            message_id = message_ids[number]
+            payload = request.payload
+            if outs:
+                frame = b"".join((prefix, payload, _ID_HEAD, message_id.encode(), _ID_TAIL))
+                for out in outs:
+                    if out.held:
+                        out.held.append(frame)
+                    else:
+                        out.ready.append(frame)
+            group_ids.append(message_id)
+            group_payloads.append(payload)
+            count += 1
+        segments.append((group, first, count))
+        state.published += count
+        state.delivered += count * len(outs)
+        delivered += count * len(outs)
+        rids = run.rids = [request.id for request in publishes]
+        run.has_ids = rids.count(None) != len(rids)
+        self._run = run
+        self.counters.published += end - start
+        self.counters.delivered += delivered
+        return end
+
+    def _destination(
+        self, batch: AppendBatch, name: str, mode: Mode
+    ) -> tuple[TopicState | QueueState, AppendGroup, list[Outbound], bytes]:
+        """Where a publish to ``name`` goes: its state, its append group, and (topics)
+        its live subscribers' outbound buffers (marked dirty) and delivery prefix."""
+        if mode is Mode.PUBSUB:
+            topic = self._topics.get(name) or self._topic(name)
+            group = batch.topics.get(name) or batch.group(Kind.TOPIC, name)
+            dirty = self._dirty
+            outs = []
+            for subscriber in topic.subscribers.values():
+                outs.append(subscriber.out)
+                dirty[subscriber.id] = subscriber
+            return topic, group, outs, topic.prefix
+        queue = self._queues.get(name) or self._queue(name)
+        return queue, batch.queues.get(name) or batch.group(Kind.QUEUE, name), [], b""
 
     def _on_subscribe(self, session: Session, request: Subscribe, now: float) -> None:
         key = (request.mode, request.topic)
@@ -508,6 +558,7 @@ class Router:
     def _settle(self, session: Session, message_id: str, outcome: Outcome, rid: JsonScalar) -> None:
         holder = session.outstanding.pop(message_id, None)
         if holder is None:
+            self._run = None
             self._reject(
                 session,
                 ErrorCode.UNKNOWN_MESSAGE,
@@ -525,9 +576,16 @@ class Router:
                 self.counters.acked += 1
             self._to_dispatch[queue.name] = queue
             batch = self._settles or self._new_settle_batch()
-            batch.items.append(Settle(queue.name, message_id, holder.consumer_id, outcome))
-            batch.waiters.append(_SettleWaiter(session, session.out.reserve(), rid))
+            group = batch.group(queue.name, holder.consumer_id, outcome)
+            ids = group.message_ids
+            ids.append(message_id)
+            run = self._run
+            if run is None or run.batch is not batch:
+                run = self._run = ReplyRun(session, batch)
+                batch.runs.append(run)
+            run.add(group, len(ids) - 1, rid)
             return
+        self._run = None
         assert type(holder) is DurableSub
         position = holder.unacked.pop(message_id)
         if outcome is Outcome.REQUEUE:
@@ -654,29 +712,28 @@ class Router:
                 if consumer is not None:
                     consumer.reserved -= 1
 
-    def _settled(self, batch: _SettleBatch, results: list[Settled]) -> None:
-        for item, waiter, result in zip(batch.items, batch.waiters, results, strict=True):
-            if not result.found:
-                frame = encode_error(
-                    ErrorCode.UNKNOWN_MESSAGE,
-                    f"message {item.message_id!r} was no longer held by this consumer",
-                    waiter.rid,
-                    item.message_id,
-                )
-            elif result.failure is not None:
-                frame = encode_error(
-                    ErrorCode(result.failure.value),
-                    f"the {item.outcome.value} was not recorded: {_STORE_TEXT[result.failure]}",
-                    waiter.rid,
-                    item.message_id,
-                )
-            else:
-                frame = encode_ack(waiter.rid, item.message_id)
-                if item.outcome is Outcome.REQUEUE:
-                    self._mark_ready(item.queue)
-                elif item.outcome is Outcome.DEAD:
-                    self._mark_ready(dead_letter_queue(item.queue))
-            self._fill(waiter.session, waiter.slot, frame)
+    def _settled(self, batch: SettleBatch, results: list[Settled]) -> None:
+        for group, result in zip(batch.groups, results, strict=True):
+            group.settle(result)
+            if group.outcome is not Outcome.ACK and group.succeeded:
+                if group.outcome is Outcome.REQUEUE:
+                    self._mark_ready(group.queue)
+                else:
+                    self._mark_ready(dead_letter_queue(group.queue))
+        self._answer(batch.runs)
+
+    def _settle_failed(self, batch: SettleBatch) -> None:
+        fail_all(batch.groups, StoreFailure.STORAGE_ERROR, "not recorded: the store failed")
+        self._answer(batch.runs)
+
+    def _answer(self, runs: list[ReplyRun]) -> None:
+        """Fill each run's slot with its replies, now that its groups are settled."""
+        dirty = self._dirty
+        for run in runs:
+            session = run.session
+            if not session.closed:
+                session.out.fill(run.slot, run.replies())
+                dirty[session.id] = session
 
     def _mark_ready(self, name: str) -> None:
         queue = self._queue(name)
@@ -718,49 +775,45 @@ class Router:
             topic = self._topics[name] = TopicState(name, delivery_prefix(name, Mode.PUBSUB))
         return topic
 
-    def _appended(self, batch: _AppendBatch, results: list[Appended]) -> None:
-        dirty = self._dirty
-        for item, waiter, result in zip(batch.items, batch.waiters, results, strict=True):
-            session = waiter.session
-            failure = result.failure
-            if failure is None:
-                frame = encode_ack(waiter.rid, item.message.message_id)
-                if item.kind is Kind.QUEUE:
-                    queue = self._queues[item.name]
-                    queue.maybe_ready = True
-                    queue.ready_generation += 1
-                    self._to_dispatch[item.name] = queue
-                else:
-                    topic = self._topics[item.name]
-                    if result.position >= topic.end:
-                        topic.end = result.position + 1
-                    if topic.durables:
-                        self._deliver_live(topic, item.message, result.position)
-            else:
-                self.counters.rejected += 1
-                self.counters.errors += 1
-                detail = f" ({result.detail})" if result.detail else ""
-                frame = encode_error(
-                    ErrorCode(failure.value), _STORE_TEXT[failure] + detail, waiter.rid
-                )
-            if not session.closed:
-                session.out.fill(waiter.slot, frame)
-                dirty[session.id] = session
+    def _appended(self, batch: AppendBatch, results: list[Appended]) -> None:
+        for group, result in zip(batch.groups, results, strict=True):
+            group.settle(result)
+            stored = len(result.positions)
+            if stored < len(group.message_ids):
+                rejected = len(group.message_ids) - stored
+                self.counters.rejected += rejected
+                self.counters.errors += rejected
+            if not stored:
+                continue
+            if group.kind is Kind.QUEUE:
+                queue = self._queues.get(group.name) or self._queue(group.name)
+                queue.mark_ready()
+                self._to_dispatch[group.name] = queue
+                continue
+            topic = self._topics.get(group.name) or self._topic(group.name)
+            positions = result.positions
+            last = positions[-1]
+            if last >= topic.end:
+                topic.end = last + 1
+            if topic.durables:
+                ids = group.message_ids
+                payloads = group.payloads
+                for index in range(stored):
+                    self._deliver_live(topic, ids[index], payloads[index], positions[index])
+        self._answer(batch.runs)
 
-    def _append_failed(self, batch: _AppendBatch) -> None:
-        for waiter in batch.waiters:
-            self._fill(
-                waiter.session,
-                waiter.slot,
-                _storage_error(waiter.rid, "the message was not stored"),
-            )
+    def _append_failed(self, batch: AppendBatch) -> None:
+        fail_all(batch.groups, StoreFailure.STORAGE_ERROR, "not stored: the store failed")
+        self._answer(batch.runs)
 
-    def _deliver_live(self, topic: TopicState, message: StoredMessage, position: int) -> None:
+    def _deliver_live(
+        self, topic: TopicState, message_id: str, payload: bytes, position: int
+    ) -> None:
         for sub in topic.durables.values():
             if not sub.attached or sub.reading:
                 continue
             if sub.next_position == position and sub.credit > 0:
-                self._deliver_durable(sub, position, message.message_id, message.payload)
+                self._deliver_durable(sub, position, message_id, payload)
                 sub.next_position = position + 1
             elif sub.next_position < position:
                 self._to_pump[id(sub)] = sub
@@ -904,7 +957,7 @@ class Router:
                 else:
                     frame = encode_error(
                         ErrorCode(failure.value),
-                        f"the ack was not recorded: {_STORE_TEXT[failure]}",
+                        f"the ack was not recorded: {STORE_TEXT[failure]}",
                         rid,
                         message_id,
                     )
@@ -1059,12 +1112,12 @@ class Router:
     # Each batch becomes one store call when its first item arrives; later items join
     # it until a single call or the end of the loop iteration closes it.
 
-    def _new_append_batch(self) -> _AppendBatch:
-        batch = self._appends = _AppendBatch()
+    def _new_append_batch(self, now: float) -> AppendBatch:
+        batch = self._appends = AppendBatch(now)
         self._calls.append(
             StoreCall(
                 "append",
-                lambda store: store.append(batch.items),
+                lambda store: store.append(batch.items()),
                 lambda results: self._appended(batch, results),
                 lambda exc: self._append_failed(batch),
             )
@@ -1083,25 +1136,17 @@ class Router:
         )
         return batch
 
-    def _new_settle_batch(self) -> _SettleBatch:
-        batch = self._settles = _SettleBatch()
+    def _new_settle_batch(self) -> SettleBatch:
+        batch = self._settles = SettleBatch()
         self._calls.append(
             StoreCall(
                 "settle",
-                lambda store: store.settle(batch.items),
+                lambda store: store.settle(batch.items()),
                 lambda results: self._settled(batch, results),
                 lambda exc: self._settle_failed(batch),
             )
         )
         return batch
-
-    def _settle_failed(self, batch: _SettleBatch) -> None:
-        for item, waiter in zip(batch.items, batch.waiters, strict=True):
-            self._fill(
-                waiter.session,
-                waiter.slot,
-                _storage_error(waiter.rid, f"the {item.outcome.value} was not recorded"),
-            )
 
 
 def _log_failure(name: str) -> Callable[[BaseException], None]:
@@ -1135,7 +1180,7 @@ def _storage_error(rid: JsonScalar, what: str) -> bytes:
 # One handler per request type: adding an action to the protocol means one entry here
 # (and a frame and a parser in msg.protocol).
 _HANDLERS: Final[Mapping[type, _Handler]] = {
-    Publish: Router._on_publish,
+    # Publish is handled by Router._publish_many, many at a time (see Router.handle).
     Subscribe: Router._on_subscribe,
     Unsubscribe: Router._on_unsubscribe,
     Ack: Router._on_ack,

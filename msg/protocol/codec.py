@@ -50,7 +50,7 @@ from msg.protocol.frames import (
     Subscribe,
     Unsubscribe,
 )
-from msg.protocol.names import name_problem
+from msg.protocol.names import VALID_NAMES, name_problem
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
@@ -119,7 +119,21 @@ class LineBuffer:
         self._partial.clear()
 
     def feed(self, data: bytes) -> list[bytes | LineTooLong]:
-        """Add ``data``; return every line it completed, without the newline."""
+        """Add ``data``; return every line it completed, without the newline.
+
+        Empty lines are dropped. Lines of only whitespace are returned: a JSON reader
+        finds them blank at no extra cost, where checking every line here would not be
+        free.
+        """
+        if not self._partial and not self._discarding and len(data) <= self._max:
+            # The common case: no line of this chunk can be over the limit.
+            lines = data.split(b"\n")
+            tail = lines.pop()
+            if tail:
+                self._partial += tail
+            if b"" in lines:
+                return [line for line in lines if line]
+            return lines  # type: ignore[return-value]  # list is invariant; no marker here
         out: list[bytes | LineTooLong] = []
         if self._discarding:
             end = data.find(b"\n")
@@ -153,7 +167,7 @@ class LineBuffer:
     def _emit(self, line: bytes, out: list[bytes | LineTooLong]) -> None:
         if len(line) > self._max:
             out.append(LINE_TOO_LONG)
-        elif line and not line.isspace():
+        elif line:
             out.append(line)
 
     def _overflow(self, out: list[bytes | LineTooLong]) -> None:
@@ -176,17 +190,69 @@ class RequestReader:
     def feed(self, data: bytes) -> list[Request | RequestError]:
         """Add ``data``; return every request it completed, in order."""
         out: list[Request | RequestError] = []
+        append = out.append
         for line in self._lines.feed(data):
-            if isinstance(line, LineTooLong):
-                out.append(
+            if type(line) is not bytes:
+                append(
                     RequestError(
                         ErrorCode.TOO_LARGE,
                         f"request line is longer than the broker's limit of "
                         f"{self.max_line_bytes} bytes",
                     )
                 )
-            else:
-                out.append(_decode_line(line))
+                continue
+            try:
+                obj = loads(line)
+            except RecursionError:
+                append(RequestError(ErrorCode.BAD_JSON, "JSON nests too deeply"))
+                continue
+            except DecodeError as exc:
+                if not line.isspace():  # a blank line is not an error, just ignored
+                    append(RequestError(ErrorCode.BAD_JSON, f"not valid JSON: {_describe(exc)}"))
+                continue
+            # Fast path for the two requests that come once per message: a well-formed
+            # publish or ack is checked inline, with exactly the checks of its parser
+            # below. Anything unusual (including every error) takes the full parser,
+            # which says precisely what is wrong.
+            if type(obj) is dict:
+                action = obj.get("action")
+                rid = obj.get("id")
+                if rid is None or type(rid) in _SCALARS:
+                    if action == "publish":
+                        topic = obj.get("topic")
+                        raw_mode = obj.get("mode")
+                        if raw_mode is None:
+                            mode: Mode | None = Mode.PUBSUB
+                        else:
+                            mode = _MODES.get(raw_mode) if type(raw_mode) is str else None
+                        # No unknown fields: action, topic, message, and mode and id if
+                        # given. (An explicit null for mode or id miscounts, and so goes
+                        # to the full parser, which handles it.)
+                        if (
+                            mode is not None
+                            and type(topic) is str
+                            and topic in VALID_NAMES
+                            and "message" in obj
+                            and len(obj) == 3 + (raw_mode is not None) + (rid is not None)
+                        ):
+                            try:
+                                payload = dumps(obj["message"])
+                            except (EncodeError, RecursionError):
+                                pass
+                            else:
+                                append(Publish(topic, payload, mode, rid))
+                                continue
+                    elif action == "ack" and obj.keys() <= _ACK_FIELDS:
+                        message_id = obj.get("message_id")
+                        if (
+                            type(message_id) is str
+                            and 0 < len(message_id) <= _MAX_MESSAGE_ID_CHARS
+                            and message_id.isascii()
+                            and message_id.replace("-", "").isalnum()
+                        ):
+                            append(Ack(message_id, rid))
+                            continue
+            append(parse_request(obj))
         if b"\n" in data:
             self._early_tries = 0  # any unfinished line now is a new one
         # A complete object with no newline after it: see the module docstring. Only a
@@ -205,16 +271,6 @@ class RequestReader:
                     self._early_tries = 0
                     out.append(parse_request(obj))
         return out
-
-
-def _decode_line(line: bytes) -> Request | RequestError:
-    try:
-        obj = loads(line)
-    except RecursionError:
-        return RequestError(ErrorCode.BAD_JSON, "JSON nests too deeply")
-    except DecodeError as exc:
-        return RequestError(ErrorCode.BAD_JSON, f"not valid JSON: {_describe(exc)}")
-    return parse_request(obj)
 
 
 def _describe(exc: Exception) -> str:
@@ -489,16 +545,19 @@ def delivery_prefix(topic: str, mode: Mode, durable: str | None = None) -> bytes
 
 def encode_delivery(prefix: bytes, payload: bytes, message_id: str, attempt: int = 1) -> bytes:
     """A delivery frame: ``prefix`` from :func:`delivery_prefix`, then the message."""
+    # One join, not a chain of +: each + would allocate and copy an intermediate.
     if attempt == 1:
-        return prefix + payload + b',"message_id":"' + message_id.encode() + b'"}\n'
-    return (
-        prefix
-        + payload
-        + b',"message_id":"'
-        + message_id.encode()
-        + b'","redelivered":true,"attempt":'
-        + str(attempt).encode()
-        + b"}\n"
+        return b"".join((prefix, payload, b',"message_id":"', message_id.encode(), b'"}\n'))
+    return b"".join(
+        (
+            prefix,
+            payload,
+            b',"message_id":"',
+            message_id.encode(),
+            b'","redelivered":true,"attempt":',
+            str(attempt).encode(),
+            b"}\n",
+        )
     )
 
 

@@ -1,7 +1,10 @@
 """Request frames: what a client can ask of the broker.
 
-Each request is a frozen value, already validated: the codec builds one only from a
-well-formed line, so code that receives a frame can trust its fields. ``Request`` is
+Each request is a value, already validated: the codec builds one only from a
+well-formed line, so code that receives a frame can trust its fields. Frames are
+slotted dataclasses but not frozen: one is built per message on the broker's hot
+path, and a frozen dataclass's ``__init__`` costs three times as much (it assigns
+through ``object.__setattr__``). Nothing modifies a frame after the codec builds it. ``Request`` is
 the union the broker dispatches on with ``match``. A line that cannot become a request
 becomes a :class:`RequestError` instead, which carries the stable code and the text
 of the error reply.
@@ -74,7 +77,7 @@ class ReplyType(StrEnum):
     STATUS = "status"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Publish:
     """Publish one message to a topic (fan-out) or a queue (one consumer)."""
 
@@ -85,7 +88,7 @@ class Publish:
     id: JsonScalar = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Subscribe:
     """Start receiving a topic's or a queue's messages on this connection."""
 
@@ -98,7 +101,7 @@ class Subscribe:
     id: JsonScalar = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unsubscribe:
     """Stop a subscription; with ``durable``, also delete that durable cursor."""
 
@@ -108,7 +111,7 @@ class Unsubscribe:
     id: JsonScalar = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ack:
     """A delivered message is done."""
 
@@ -116,7 +119,7 @@ class Ack:
     id: JsonScalar = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Nack:
     """A delivered message failed: deliver it again, or dead-letter it."""
 
@@ -125,21 +128,21 @@ class Nack:
     id: JsonScalar = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ping:
     """Liveness check; the broker answers ``{"type": "pong"}``."""
 
     id: JsonScalar = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Status:
     """Ask for the broker's queues, topics, connections and rates."""
 
     id: JsonScalar = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestError:
     """A line that could not become a request, and the error reply it earns."""
 

@@ -24,6 +24,7 @@ from typing import Final
 __all__ = [
     "DEAD_LETTER_PREFIX",
     "MAX_NAME_LENGTH",
+    "VALID_NAMES",
     "dead_letter_queue",
     "name_problem",
 ]
@@ -36,8 +37,10 @@ DEAD_LETTER_PREFIX: Final = "$dead."
 _WILDCARDS: Final = ("*", ">")
 
 # Names repeat on every publish; remember the good ones rather than re-check them.
-# Bounded so a client inventing names cannot grow it forever.
-_known_good: dict[str, None] = {}
+# Bounded so a client inventing names cannot grow it forever. The codec's fast path
+# looks names up here directly; a name not found goes through name_problem().
+VALID_NAMES: dict[str, None] = {}
+_known_good = VALID_NAMES
 _KNOWN_GOOD_MAX: Final = 65_536
 
 

@@ -5,14 +5,19 @@ Theory of operation
 A :class:`Log` is the ordered list of segment files of one queue or topic; the last
 one is open and written. :func:`recover_queue` and :func:`recover_topic` run once, at
 start-up, on the storage thread: they read every segment, check every record
-(:func:`msg.storage.records.scan`), and replay the good ones.
+(:func:`msg.storage.records.scan`), and replay the good ones. An intact segment's
+records are decoded with one JSON decode (:func:`msg.storage.records.parse_all`);
+one that has a record that does not decode is parsed line by line, so only that
+record is lost.
 
-Replaying a queue keeps one entry per sequence number: a ``pub`` creates it (a later
-``pub`` of the same number is a compaction copy and replaces it), ``ack``, ``con`` and
-``dead`` remove it, ``req`` sets its attempt count. Records about numbers never seen
-are normal (their segment was deleted) and ignored. What is left is ready, in
-sequence order. Replaying a topic rebuilds only counts, timestamps and the sparse
-index; payloads stay on disk.
+Replaying a queue keeps one message per sequence number: a ``pub`` creates it (a
+later ``pub`` of the same number is a compaction copy and replaces it), ``ack``,
+``con`` and ``dead`` remove it, ``req`` sets its attempt count. Records about numbers
+never seen are normal (their segment was deleted) and ignored. What is left is
+ready, in sequence order, and goes into the index as columnar runs (one per stretch
+of messages in the same segment), so a recovered backlog is not one object per
+message. Replaying a topic rebuilds only counts, timestamps and the sparse index;
+payloads stay on disk.
 
 A bad tail of the newest file of a log is a write torn by a crash: it is cut off with
 one WARNING naming file and offset. Any other bad region is corruption: it is skipped
@@ -23,13 +28,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Final
+from operator import itemgetter
+from typing import Any, Final
 
 from msg.storage import records
 from msg.storage.filenames import segment_file_name, segment_number
 from msg.storage.fs import FileSystem
-from msg.storage.index import Entry, QueueIndex, TopicIndex
+from msg.storage.index import DEDUP_WINDOW, QueueIndex, Run, TopicIndex
 from msg.storage.segments import LogFile, Segment
 
 __all__ = ["CURSORS", "Counts", "Log", "QueueLog", "TopicLog", "recover_queue", "recover_topic"]
@@ -159,10 +166,10 @@ def recover_queue(
     numbers = _segment_numbers(fs, directory)
     if not numbers:
         return QueueLog(name, directory, _first_segment(fs, directory), queue)
-    by_seq: dict[int, Entry] = {}
+    # seq -> (fields of its pub record, payload, segment number)
+    by_seq: dict[int, tuple[dict[str, Any], bytes, int]] = {}
     segments: list[Segment] = []
     by_number: dict[int, Segment] = {}
-    recent = queue.recent
     max_seq = -1
     for k, number in enumerate(numbers):
         path = os.path.join(directory, segment_file_name(number))
@@ -170,44 +177,110 @@ def recover_queue(
         segment = Segment(number, path, size=size, file=file)
         segments.append(segment)
         by_number[number] = segment
-        for line, offset in zip(scan.records, scan.offsets, strict=True):
+        ids: list[str] = []
+        seqs: list[int] = []
+        for offset, _, fields, payload in _parsed(scan, path, counts):
             try:
-                if records.is_pub(line):
-                    header, payload = records.parse_pub(line)
-                    seq = header["seq"]
-                    entry = Entry(seq, header["id"], payload, header["ts"], header.get("att", 0))
-                    entry.reason = header.get("why")
-                    entry.segment = number
+                op = fields["op"]
+                seq = fields["seq"]
+                if op == "pub":
+                    message_id = fields["id"]
+                    if not isinstance(message_id, str) or not isinstance(seq, int):
+                        raise TypeError("id must be a string and seq an integer")
                     old = by_seq.get(seq)
                     if old is not None:  # a compaction copy replaces the original
-                        by_number[old.segment].live -= 1
-                    by_seq[seq] = entry
-                    segment.live += 1
-                    segment.pubs += 1
-                    recent.add(entry.message_id, seq)
+                        by_number[old[2]].live -= 1
+                    by_seq[seq] = (fields, payload, number)
+                    ids.append(message_id)
+                    seqs.append(seq)
+                elif op == "req":
+                    found = by_seq.get(seq)
+                    if found is not None:
+                        found[0]["att"] = fields["att"]
+                elif op in ("ack", "con", "dead"):
+                    found = by_seq.pop(seq, None)
+                    if found is not None:
+                        by_number[found[2]].live -= 1
                 else:
-                    record = records.parse(line)
-                    op = record["op"]
-                    seq = record["seq"]
-                    if op == "req":
-                        found = by_seq.get(seq)
-                        if found is not None:
-                            found.attempt = record["att"]
-                    elif op in ("ack", "con", "dead"):
-                        found = by_seq.pop(seq, None)
-                        if found is not None:
-                            by_number[found.segment].live -= 1
-                    else:
-                        raise ValueError(f"unknown op {op!r}")
+                    raise ValueError(f"unknown op {op!r}")
             except (KeyError, TypeError, ValueError) as exc:
                 counts.corrupt += 1
                 logger.error("unreadable record in %s at offset %d skipped: %s", path, offset, exc)
                 continue
             if seq > max_seq:
                 max_seq = seq
-    queue.restore(sorted(by_seq.values(), key=_seq_of))
+        # Every pub record counts (a compaction copy took its original's live count
+        # away above).
+        segment.live += len(ids)
+        segment.pubs += len(ids)
+        # Only the newest ids can matter to the window; older ones would be dropped.
+        window = 2 * DEDUP_WINDOW
+        queue.recent.add_many(ids[-window:], seqs[-window:])
+    queue.restore(_runs(by_seq))
     queue.next_seq = max(max_seq + 1, numbers[-1])
     return QueueLog(name, directory, segments, queue)
+
+
+def _parsed(
+    scan: records.Scan, path: str, counts: Counts
+) -> Iterator[tuple[int, bytes, dict[str, Any], bytes]]:
+    """(offset, line, fields, payload) of each good record; unreadable ones are skipped
+
+    One JSON decode for the whole segment when every record decodes; else line by line.
+    """
+    parsed = records.parse_all(scan.records)
+    if parsed is not None:
+        yield from zip(scan.offsets, scan.records, *parsed, strict=True)
+        return
+    for line, offset in zip(scan.records, scan.offsets, strict=True):
+        try:
+            if records.is_pub(line):
+                fields, payload = records.parse_pub(line)
+            else:
+                fields, payload = records.parse(line), b""
+            if not isinstance(fields, dict):
+                raise TypeError("not a JSON object")
+        except (TypeError, ValueError) as exc:
+            counts.corrupt += 1
+            logger.error("unreadable record in %s at offset %d skipped: %s", path, offset, exc)
+            continue
+        yield offset, line, fields, payload
+
+
+def _runs(by_seq: dict[int, tuple[dict[str, Any], bytes, int]]) -> list[Run]:
+    """The replayed messages as runs in sequence order, one per stretch in one segment."""
+    out: list[Run] = []
+    seqs = sorted(by_seq)  # already sorted but for compaction copies: linear then
+    start = 0
+    while start < len(seqs):
+        number = by_seq[seqs[start]][2]
+        stop = start + 1
+        while stop < len(seqs) and by_seq[seqs[stop]][2] == number:
+            stop += 1
+        part = tuple(seqs[start:stop])
+        messages = list(map(by_seq.__getitem__, part))
+        fields = list(map(_FIELDS, messages))
+        attempts = tuple(field.get("att", 0) for field in fields)
+        reasons = tuple(field.get("why") for field in fields)
+        out.append(
+            Run(
+                part,
+                tuple(map(_ID, fields)),
+                tuple(map(_PAYLOAD, messages)),
+                tuple(map(_TS, fields)),
+                number,
+                attempts if any(attempts) else None,
+                reasons if any(r is not None for r in reasons) else None,
+            )
+        )
+        start = stop
+    return out
+
+
+_FIELDS: Final = itemgetter(0)
+_PAYLOAD: Final = itemgetter(1)
+_ID: Final = itemgetter("id")
+_TS: Final = itemgetter("ts")
 
 
 def recover_topic(
@@ -224,11 +297,10 @@ def recover_topic(
         segment = Segment(number, path, size=size, file=file)
         segment.bad_offsets.update(offset for offset, _ in scan.corrupt)
         segments.append(segment)
-        for line, offset in zip(scan.records, scan.offsets, strict=True):
+        for offset, line, header, payload in _parsed(scan, path, counts):
             try:
-                if not records.is_pub(line):
+                if header["op"] != "pub":
                     raise ValueError("not a pub record")
-                header, payload = records.parse_pub(line)
                 position = header["seq"]
                 published_at = header["ts"]
                 recent.add(header["id"], position)
@@ -272,7 +344,3 @@ def _recover_cursors(fs: FileSystem, log: TopicLog, counts: Counts) -> None:
             counts.corrupt += 1
             logger.error("unreadable record in %s at offset %d skipped: %s", path, offset, exc)
     log.cursor_records = len(scan.records)
-
-
-def _seq_of(entry: Entry) -> int:
-    return entry.seq

@@ -8,14 +8,17 @@ commit, recovery) is simply absent. Every operation completes before its corouti
 first yields, so operations take effect in call order and an appended message can be
 claimed as soon as ``append`` returns.
 
-Topic messages are kept in a list per topic with a moving head, so reading from a
-position is one index computation, and trimming the oldest (retention, applied
-exactly per message in :meth:`MemoryStore.maintain`) is amortised O(1).
+Topic messages are kept as (position, id, payload, published_at) tuples in a list
+per topic with a moving head: an append extends the list in one C-level pass (no
+object per message beyond the tuple), reading from a position is one index
+computation, and trimming the oldest (retention, applied exactly per message in
+:meth:`MemoryStore.maintain`) is amortised O(1).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Final
 
 from msg.persistence import (
@@ -37,7 +40,14 @@ from msg.persistence import (
     TopicMessage,
     TopicRead,
 )
-from msg.storage.index import DEAD_LETTER_PREFIX, Index, TopicIndex, delivery
+from msg.storage.index import (
+    DEAD_LETTER_PREFIX,
+    Index,
+    QueueFull,
+    TopicIndex,
+    check_columns,
+    unknown_ids,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -50,12 +60,16 @@ _COMPACT_AT: Final = 1024
 _DEFAULT_RETENTION: Final = Retention()
 
 
+_Stored = tuple[int, str, bytes, float]
+"""(position, message id, payload, published_at) of a topic message."""
+
+
 class _MemoryTopic:
     __slots__ = ("head", "index", "messages")
 
     def __init__(self, index: TopicIndex) -> None:
         self.index = index
-        self.messages: list[TopicMessage] = []
+        self.messages: list[_Stored] = []
         self.head = 0
         """messages[head] is at position index.first."""
 
@@ -63,7 +77,7 @@ class _MemoryTopic:
         message = self.messages[self.head]
         self.head += 1
         self.index.first += 1
-        self.index.bytes -= len(message.payload)
+        self.index.bytes -= len(message[2])
         if self.head >= _COMPACT_AT and self.head * 2 >= len(self.messages):
             del self.messages[: self.head]
             self.head = 0
@@ -99,65 +113,62 @@ class MemoryStore:
         return found
 
     async def append(self, items: Sequence[Append]) -> list[Appended]:
-        results: list[Appended] = []
-        index = self._index
-        for item in items:
-            message = item.message
-            if item.kind is Kind.QUEUE:
-                queue = index.queue(item.name)
-                entry = queue.offer(message)
-                if entry is None:
-                    results.append(
-                        Appended(failure=StoreFailure.QUEUE_FULL, detail=_full(item.name))
-                    )
-                elif isinstance(entry, int):
-                    results.append(Appended(entry))
-                else:
-                    queue.commit(entry)
-                    results.append(Appended(entry.seq))
-            else:
-                topic = self._topic(item.name)
-                tindex = topic.index
-                known = tindex.recent.get(message.message_id)
-                if known is not None:
-                    results.append(Appended(known))
-                    continue
-                position = tindex.end
-                tindex.end = tindex.next_position = position + 1
-                tindex.bytes += len(message.payload)
-                tindex.recent.add(message.message_id, position)
-                topic.messages.append(
-                    TopicMessage(
-                        position, message.message_id, message.payload, message.published_at
-                    )
+        check_columns(items)
+        return [
+            self._append_queue(item) if item.kind is Kind.QUEUE else self._append_topic(item)
+            for item in items
+        ]
+
+    def _append_queue(self, item: Append) -> Appended:
+        queue = self._index.queue(item.name)
+        offer, run = queue.offer(item.message_ids, item.payloads, item.published_at)
+        if run is not None:
+            queue.commit(run)
+        if offer.full:
+            return Appended(offer.positions, StoreFailure.QUEUE_FULL, _full(item.name))
+        return Appended(offer.positions)
+
+    def _append_topic(self, item: Append) -> Appended:
+        topic = self._topic(item.name)
+        tindex = topic.index
+        offer = tindex.offer(item.message_ids, item.payloads)
+        seqs = offer.seqs
+        if seqs:
+            tindex.end = seqs.stop
+            tindex.bytes += sum(map(len, offer.new_payloads))
+            topic.messages.extend(
+                zip(
+                    seqs, offer.new_ids, offer.new_payloads, repeat(item.published_at), strict=False
                 )
-                results.append(Appended(position))
-        return results
+            )
+        return Appended(offer.positions)
 
     async def claim(self, claims: Sequence[Claim]) -> list[list[Delivery]]:
         index = self._index
-        return [[delivery(c.queue, entry) for entry in index.claim(c)] for c in claims]
+        return [index.claim(c) for c in claims]
 
     async def settle(self, items: Sequence[Settle]) -> list[Settled]:
+        return [self._settle(item) for item in items]
+
+    def _settle(self, item: Settle) -> Settled:
         index = self._index
-        results: list[Settled] = []
-        for item in items:
-            queue = index.queues.get(item.queue)
-            entry = None if queue is None else queue.begin_settle(item.message_id, item.consumer)
-            if queue is None or entry is None:
-                results.append(Settled(found=False))
-                continue
-            if item.outcome is Outcome.DEAD:
-                dead = index.queue(DEAD_LETTER_PREFIX + item.queue)
-                if entry.message_id not in dead.entries:
-                    if dead.full():
-                        index.abort_settle(queue, entry)
-                        results.append(Settled(found=True, failure=StoreFailure.QUEUE_FULL))
-                        continue
-                    dead.commit(dead.stage_dead_letter(entry, item.reason))
-            queue.finish_settle(entry, item.outcome)
-            results.append(Settled(found=True))
-        return results
+        queue = index.queues.get(item.queue)
+        if queue is None:
+            return Settled(frozenset(item.message_ids))
+        begun, unknown = queue.begin_settle(item.consumer, item.message_ids)
+        missing = unknown_ids(unknown, begun)
+        if item.outcome is Outcome.DEAD and begun:
+            dead = index.queue(DEAD_LETTER_PREFIX + item.queue)
+            try:
+                run = dead.stage_dead_letters(begun, item.reason)
+            except QueueFull:
+                # All or nothing: the group fails as a whole.
+                index.abort_settle(queue, begun)
+                return Settled(missing, StoreFailure.QUEUE_FULL)
+            if run is not None:
+                dead.commit(run)
+        queue.finish_settle(item.consumer, begun, item.outcome)
+        return Settled(missing)
 
     async def release(self, queue: str, consumer: str) -> int:
         return self._index.release(queue, consumer)
@@ -173,7 +184,11 @@ class MemoryStore:
         start = max(position, tindex.first)
         stop = min(tindex.end, start + max(limit, 0))
         base = found.head - tindex.first
-        messages = tuple(found.messages[base + start : base + stop]) if stop > start else ()
+        messages = (
+            tuple(TopicMessage(*m) for m in found.messages[base + start : base + stop])
+            if stop > start
+            else ()
+        )
         return TopicRead(messages, tindex.first, tindex.end)
 
     async def open_cursor(self, topic: str, name: str) -> int:
@@ -210,7 +225,7 @@ class MemoryStore:
                         and tindex.end - tindex.first > retention.max_messages
                     )
                     or (retention.max_bytes is not None and tindex.bytes > retention.max_bytes)
-                    or (oldest_kept is not None and oldest.published_at < oldest_kept)
+                    or (oldest_kept is not None and oldest[3] < oldest_kept)
                 ):
                     break
                 topic.drop_oldest()

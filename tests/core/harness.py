@@ -95,10 +95,11 @@ class Harness:
                 else:
                     call.done(result)
             for session in dirty:
-                for frame in session.out.take():
-                    assert frame.endswith(b"\n")
-                    assert frame.count(b"\n") == 1
-                    self.received.setdefault(session.id, []).append(json.loads(frame))
+                for chunk in session.out.take():
+                    # A chunk is one or more complete lines (a reply run joins several).
+                    assert chunk.endswith(b"\n")
+                    for line in chunk.splitlines():
+                        self.received.setdefault(session.id, []).append(json.loads(line))
                 if session.id not in self.stalled:
                     self.router.drained(session.id)
         raise AssertionError("the router never went quiet")

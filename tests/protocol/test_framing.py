@@ -351,7 +351,7 @@ def test_buffer_never_holds_more_than_the_limit(size: int) -> None:
             id="two-overlong-lines",
         ),
         pytest.param([b"x" * 100, b"\n", b"\n", b"ok\n"], [LINE_TOO_LONG, b"ok"], id="blank-after"),
-        pytest.param([b"a\r\n", b" \n", b"b"], [b"a\r"], id="keeps-cr-drops-blank"),
+        pytest.param([b"a\r\n", b"\n", b" \n", b"b"], [b"a\r", b" "], id="keeps-cr-drops-empty"),
     ],
 )
 def test_line_buffer(chunks: list[bytes], want: list[bytes | LineTooLong]) -> None:

@@ -19,8 +19,8 @@ from msg.persistence import (
     Reclaimed,
     Retention,
     Settle,
+    Settled,
     Store,
-    StoredMessage,
     StoreFailure,
 )
 from tests.storage.conftest import StoreFactory
@@ -29,22 +29,24 @@ Q = "jobs"
 T = "news"
 
 
-def qmsg(
-    message_id: str, queue: str = Q, payload: bytes = b'{"n":1}', ts: float = 1000.0
+def qapp(
+    *message_ids: str, queue: str = Q, payload: bytes = b'{"n":1}', ts: float = 1000.0
 ) -> Append:
-    return Append(Kind.QUEUE, queue, StoredMessage(message_id, payload, ts))
+    """One append of ``message_ids`` to a queue, all with the same payload."""
+    return Append(Kind.QUEUE, queue, message_ids, [payload] * len(message_ids), ts)
 
 
-def tmsg(
-    message_id: str, topic: str = T, payload: bytes = b'"hello"', ts: float = 1000.0
+def tapp(
+    *message_ids: str, topic: str = T, payload: bytes = b'"hello"', ts: float = 1000.0
 ) -> Append:
-    return Append(Kind.TOPIC, topic, StoredMessage(message_id, payload, ts))
+    return Append(Kind.TOPIC, topic, message_ids, [payload] * len(message_ids), ts)
 
 
 async def fill(store: Store, count: int, queue: str = Q, prefix: str = "m") -> list[str]:
     ids = [f"{prefix}{i}" for i in range(count)]
-    results = await store.append([qmsg(i, queue) for i in ids])
-    assert all(r.failure is None for r in results)
+    [result] = await store.append([qapp(*ids, queue=queue)])
+    assert result.failure is None
+    assert len(result.positions) == count
     return ids
 
 
@@ -56,10 +58,23 @@ async def claim_ids(
     return [(d.message_id, d.consumer) for d in deliveries]
 
 
+async def settle(
+    store: Store,
+    outcome: Outcome,
+    consumer: str,
+    *message_ids: str,
+    queue: str = Q,
+    reason: str | None = None,
+) -> Settled:
+    [settled] = await store.settle([Settle(queue, consumer, message_ids, outcome, reason)])
+    return settled
+
+
 async def ack(store: Store, message_id: str, consumer: str, queue: str = Q) -> bool:
-    [settled] = await store.settle([Settle(queue, message_id, consumer, Outcome.ACK)])
+    """Ack one message; True if it was in flight to ``consumer``."""
+    settled = await settle(store, Outcome.ACK, consumer, message_id, queue=queue)
     assert settled.failure is None
-    return settled.found
+    return message_id not in settled.unknown
 
 
 # -- open, capabilities, writable -------------------------------------------------
@@ -78,70 +93,169 @@ async def test_opens_empty_and_writable(store: Store) -> None:
 
 
 async def test_queue_positions_increase_and_claims_follow_append_order(store: Store) -> None:
-    first = await store.append([qmsg("a"), qmsg("b")])
-    second = await store.append([qmsg("c")])
-    positions = [r.position for r in first + second]
+    first = await store.append([qapp("a", "b")])
+    second = await store.append([qapp("c")])
+    positions = [p for r in first + second for p in r.positions]
     assert positions == sorted(positions)
     assert len(set(positions)) == 3
     assert await claim_ids(store, "x", "x", "x", "x") == [("a", "x"), ("b", "x"), ("c", "x")]
 
 
+async def test_fresh_positions_are_a_range(store: Store) -> None:
+    # All new: positions are consecutive, and a range (no list built per message).
+    [queue, topic] = await store.append([qapp("a", "b", "c"), tapp("x", "y", "z")])
+    for result in (queue, topic):
+        assert result.failure is None
+        first = result.positions[0]
+        assert result.positions == range(first, first + 3)
+    [again] = await store.append([qapp("d", "e")])
+    assert again.positions == range(queue.positions[-1] + 1, queue.positions[-1] + 3)
+
+
+async def test_mismatched_columns_are_refused_and_change_nothing(store: Store) -> None:
+    good = qapp("a")
+    bad = Append(Kind.QUEUE, Q, ["b", "c"], [b"1"], 1.0)
+    with pytest.raises(ValueError, match="payloads"):
+        await store.append([good, bad])
+    assert await claim_ids(store, "c") == []
+    [result] = await store.append([qapp("a")])
+    assert result.failure is None
+    assert await claim_ids(store, "c") == [("a", "c")]
+
+
+async def test_empty_append(store: Store) -> None:
+    [queue, topic] = await store.append([qapp(), tapp()])
+    assert (len(queue.positions), queue.failure) == (0, None)
+    assert (len(topic.positions), topic.failure) == (0, None)
+    assert await claim_ids(store, "c") == []
+
+
 async def test_delivery_carries_message(store: Store) -> None:
-    await store.append([qmsg("a", payload=b'{"k":[1,2]}', ts=1234.5)])
+    await store.append([qapp("a", payload=b'{"k":[1,2]}', ts=1234.5)])
     [[d]] = await store.claim([Claim(Q, ("c1",))])
     assert (d.queue, d.consumer, d.message_id) == (Q, "c1", "a")
     assert d.payload == b'{"k":[1,2]}'
     assert d.published_at == 1234.5
     assert d.attempt == 1
+    assert d.reason is None
+
+
+async def test_payloads_are_parallel_to_ids(store: Store) -> None:
+    payloads = [b"[%d]" % i for i in range(5)]
+    ids = [f"m{i}" for i in range(5)]
+    await store.append(
+        [Append(Kind.QUEUE, Q, ids, payloads, 1.0), Append(Kind.TOPIC, T, ids, payloads, 2.0)]
+    )
+    [ds] = await store.claim([Claim(Q, ("c",) * 5)])
+    assert [(d.message_id, d.payload, d.published_at) for d in ds] == [
+        (i, p, 1.0) for i, p in zip(ids, payloads, strict=True)
+    ]
+    read = await store.read(T, 0, 10)
+    assert [(m.message_id, m.payload, m.published_at) for m in read.messages] == [
+        (i, p, 2.0) for i, p in zip(ids, payloads, strict=True)
+    ]
 
 
 async def test_concurrent_appends_take_effect_in_call_order(store: Store) -> None:
-    await asyncio.gather(*(store.append([qmsg(f"m{i}")]) for i in range(20)))
-    claimed = await claim_ids(store, *["c"] * 20)
-    assert [m for m, _ in claimed] == [f"m{i}" for i in range(20)]
+    await asyncio.gather(*(store.append([qapp(f"m{i}", f"n{i}")]) for i in range(20)))
+    claimed = await claim_ids(store, *["c"] * 40)
+    assert [m for m, _ in claimed] == [x for i in range(20) for x in (f"m{i}", f"n{i}")]
 
 
 async def test_batch_mixes_queues_and_topics(store: Store) -> None:
-    results = await store.append([qmsg("a"), tmsg("t1"), qmsg("b", queue="other"), tmsg("t2")])
+    results = await store.append(
+        [qapp("a"), tapp("t1"), qapp("b", queue="other"), tapp("t2", "t3")]
+    )
     assert [r.failure for r in results] == [None] * 4
-    assert results[3].position == results[1].position + 1
+    assert list(results[3].positions) == [results[1].positions[0] + 1, results[1].positions[0] + 2]
     assert await claim_ids(store, "c") == [("a", "c")]
     assert await claim_ids(store, "c", queue="other") == [("b", "c")]
 
 
 async def test_queue_and_topic_of_same_name_are_separate(store: Store) -> None:
-    await store.append([qmsg("q1", queue="same"), tmsg("t1", topic="same")])
+    await store.append([qapp("q1", queue="same"), tapp("t1", topic="same")])
     read = await store.read("same", 0, 10)
     assert [m.message_id for m in read.messages] == ["t1"]
     assert await claim_ids(store, "c", queue="same") == [("q1", "c")]
 
 
 async def test_idempotent_append_by_message_id(store: Store) -> None:
-    first = await store.append([qmsg("a"), qmsg("a"), tmsg("t"), tmsg("t")])
-    again = await store.append([qmsg("a"), tmsg("t")])
-    assert first[0].position == first[1].position == again[0].position
-    assert first[2].position == first[3].position == again[1].position
+    first = await store.append([qapp("a"), qapp("a"), tapp("t"), tapp("t")])
+    again = await store.append([qapp("a"), tapp("t")])
+    assert first[0].positions[0] == first[1].positions[0] == again[0].positions[0]
+    assert first[2].positions[0] == first[3].positions[0] == again[1].positions[0]
     assert await claim_ids(store, "c", "c") == [("a", "c")]
     read = await store.read(T, 0, 10)
     assert [m.message_id for m in read.messages] == ["t"]
     # A retry of a message that is in flight or already acked still creates nothing.
-    assert (await store.append([qmsg("a")]))[0].position == first[0].position
+    [retry] = await store.append([qapp("a")])
+    assert list(retry.positions) == [first[0].positions[0]]
     assert await ack(store, "a", "c")
-    assert (await store.append([qmsg("a")]))[0].position == first[0].position
+    [retry] = await store.append([qapp("a")])
+    assert list(retry.positions) == [first[0].positions[0]]
     assert await claim_ids(store, "c") == []
+
+
+async def test_duplicate_ids_within_one_append(store: Store) -> None:
+    [queue, topic] = await store.append([qapp("a", "b", "a", "c", "b"), tapp("x", "x", "y")])
+    q = list(queue.positions)
+    assert (q[2], q[4]) == (q[0], q[1])
+    assert len({q[0], q[1], q[3]}) == 3
+    t = list(topic.positions)
+    assert t[0] == t[1] != t[2]
+    assert [m for m, _ in await claim_ids(store, *["c"] * 5)] == ["a", "b", "c"]
+    assert [m.message_id for m in (await store.read(T, 0, 10)).messages] == ["x", "y"]
+    stats = await store.stats()
+    assert stats.topics[T].retained == 2
+
+
+async def test_duplicate_ids_across_appends_mixed_with_new_ones(store: Store) -> None:
+    [first] = await store.append([qapp("a", "b")])
+    [tfirst] = await store.append([tapp("x", "y")])
+    [second] = await store.append([qapp("c", "b", "d", "a")])
+    [tsecond] = await store.append([tapp("y", "z")])
+    a, b = first.positions
+    c, b2, d, a2 = second.positions
+    assert (a2, b2) == (a, b)
+    assert a < b < c < d
+    x, y = tfirst.positions
+    y2, z = tsecond.positions
+    assert (y2, z) == (y, y + 1) == (x + 1, x + 2)
+    claimed = await claim_ids(store, *["c"] * 10)
+    assert [m for m, _ in claimed] == ["a", "b", "c", "d"]
 
 
 async def test_queue_full(make_store: StoreFactory) -> None:
     store = await make_store(max_queue_messages=2)
-    results = await store.append([qmsg("a"), qmsg("b"), qmsg("c")])
-    assert [r.failure for r in results] == [None, None, StoreFailure.QUEUE_FULL]
-    assert results[2].detail
+    [result] = await store.append([qapp("a", "b", "c")])
+    assert len(result.positions) == 2
+    assert result.failure is StoreFailure.QUEUE_FULL
+    assert result.detail
     # In-flight messages still count; done ones make room.
     await claim_ids(store, "c1")
-    assert (await store.append([qmsg("d")]))[0].failure is StoreFailure.QUEUE_FULL
+    [full] = await store.append([qapp("d")])
+    assert (len(full.positions), full.failure) == (0, StoreFailure.QUEUE_FULL)
     assert await ack(store, "a", "c1")
-    assert (await store.append([qmsg("d")]))[0].failure is None
-    assert (await store.append([qmsg("x", queue="other")]))[0].failure is None
+    assert (await store.append([qapp("d")]))[0].failure is None
+    assert (await store.append([qapp("x", queue="other")]))[0].failure is None
+
+
+async def test_queue_full_in_the_middle_stores_a_prefix(make_store: StoreFactory) -> None:
+    store = await make_store(max_queue_messages=3)
+    [first] = await store.append([qapp("a")])
+    # b and c fit; d does not, so neither does e, and a after it is not looked at.
+    [result, other] = await store.append([qapp("b", "a", "c", "d", "e", "a"), qapp("z", queue="o")])
+    assert result.failure is StoreFailure.QUEUE_FULL
+    assert len(result.positions) == 3
+    b, a, c = result.positions
+    assert a == first.positions[0]
+    assert a < b < c
+    assert other.failure is None  # other items of the same call are unaffected
+    assert [m for m, _ in await claim_ids(store, *["c"] * 5)] == ["a", "b", "c"]
+    # A duplicate of a stored message is still reported while the queue is full.
+    [again] = await store.append([qapp("c", "b", "d")])
+    assert list(again.positions) == [c, b]
+    assert again.failure is StoreFailure.QUEUE_FULL
 
 
 # -- claims ------------------------------------------------------------------------
@@ -160,6 +274,15 @@ async def test_claim_fills_slots_in_order(store: Store) -> None:
     assert await claim_ids(store, "a") == []
 
 
+async def test_claims_span_appends(store: Store) -> None:
+    for batch in range(4):
+        await fill(store, 3, prefix=f"b{batch}-")
+    claimed = await claim_ids(store, *["c"] * 5)
+    assert [m for m, _ in claimed] == ["b0-0", "b0-1", "b0-2", "b1-0", "b1-1"]
+    claimed = await claim_ids(store, *["c"] * 10)
+    assert [m for m, _ in claimed] == ["b1-2", "b2-0", "b2-1", "b2-2", "b3-0", "b3-1", "b3-2"]
+
+
 async def test_one_call_many_claims(store: Store) -> None:
     await fill(store, 3)
     result = await store.claim([Claim(Q, ("a",)), Claim(Q, ("b", "b")), Claim(Q, ("c",))])
@@ -172,8 +295,8 @@ async def test_redelivery_goes_to_another_consumer_where_possible(store: Store) 
     assert await store.release(Q, "a") == 1
     # m0 was a's; it goes to b, and a gets the next message in its slot.
     assert await claim_ids(store, "a", "b") == [("m0", "b"), ("m1", "a")]
-    [settled] = await store.settle([Settle(Q, "m0", "b", Outcome.REQUEUE)])
-    assert settled.found
+    settled = await settle(store, Outcome.REQUEUE, "b", "m0")
+    assert settled == Settled()
     assert await claim_ids(store, "b", "b", "c") == [("m0", "c"), ("m2", "b")]
 
 
@@ -190,9 +313,7 @@ async def test_attempt_counts_deliveries(store: Store) -> None:
     for attempt in (1, 2, 3):
         [[d]] = await store.claim([Claim(Q, ("c",))])
         assert d.attempt == attempt
-        [settled] = await store.settle([Settle(Q, "m0", "c", Outcome.REQUEUE)])
-        assert settled.found
-        assert settled.failure is None
+        assert await settle(store, Outcome.REQUEUE, "c", "m0") == Settled()
 
 
 async def test_auto_ack_claims_are_gone(store: Store) -> None:
@@ -200,7 +321,7 @@ async def test_auto_ack_claims_are_gone(store: Store) -> None:
     assert await claim_ids(store, "a", "b", auto_ack=True) == [("m0", "a"), ("m1", "b")]
     stats = (await store.stats()).queues[Q]
     assert (stats.ready, stats.in_flight) == (1, 0)
-    assert not (await store.settle([Settle(Q, "m0", "a", Outcome.ACK)]))[0].found
+    assert (await settle(store, Outcome.ACK, "a", "m0")).unknown == {"m0"}
     assert await store.release(Q, "a") == 0
     assert await claim_ids(store, "a", "b") == [("m2", "a")]
 
@@ -219,40 +340,88 @@ async def test_ack_removes_message(store: Store) -> None:
     assert await claim_ids(store, "c", "c") == [("m1", "c")]
 
 
-async def test_settle_unknown_is_not_found_and_changes_nothing(store: Store) -> None:
+async def test_settle_unknown_is_listed_and_changes_nothing(store: Store) -> None:
     await fill(store, 2)
     await claim_ids(store, "a")
     results = await store.settle(
         [
-            Settle(Q, "m0", "b", Outcome.ACK),  # held by someone else
-            Settle(Q, "m1", "a", Outcome.ACK),  # ready, not in flight
-            Settle(Q, "zz", "a", Outcome.DEAD),  # unknown message
-            Settle("unknown", "m0", "a", Outcome.REQUEUE),  # unknown queue
+            Settle(Q, "b", ["m0"], Outcome.ACK),  # held by someone else
+            Settle(Q, "a", ["m1"], Outcome.ACK),  # ready, not in flight
+            Settle(Q, "a", ["zz"], Outcome.DEAD),  # unknown message
+            Settle("unknown", "a", ["m0"], Outcome.REQUEUE),  # unknown queue
         ]
     )
-    assert [r.found for r in results] == [False] * 4
+    assert [r.unknown for r in results] == [{"m0"}, {"m1"}, {"zz"}, {"m0"}]
     assert all(r.failure is None for r in results)
-    stats = (await store.stats()).queues[Q]
-    assert (stats.ready, stats.in_flight) == (1, 1)
+    stats = await store.stats()
+    assert (stats.queues[Q].ready, stats.queues[Q].in_flight) == (1, 1)
+    assert "$dead." + Q not in stats.queues or stats.queues["$dead." + Q].ready == 0
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+async def test_settle_group_with_some_unknown_ids(store: Store, outcome: Outcome) -> None:
+    await fill(store, 5)
+    await claim_ids(store, "a", "a", "b", "a")  # a: m0 m1 m3; b: m2; m4 ready
+    [settled] = await store.settle(
+        [Settle(Q, "a", ["m0", "m2", "zz", "m3", "m4"], outcome, reason="r")]
+    )
+    assert settled.unknown == {"m2", "zz", "m4"}
+    assert settled.failure is None
+    stats = await store.stats()
+    # m1 (a) and m2 (b) stay in flight; m0 and m3 were settled, m4 is still ready.
+    assert stats.queues[Q].in_flight == 2
+    ready = await claim_ids(store, *["c"] * 5)
+    expected = ["m0", "m3", "m4"] if outcome is Outcome.REQUEUE else ["m4"]
+    assert [m for m, _ in ready] == expected
+    dead = await claim_ids(store, *["c"] * 5, queue="$dead." + Q)
+    assert [m for m, _ in dead] == (["m0", "m3"] if outcome is Outcome.DEAD else [])
+
+
+async def test_settle_group_outcomes(store: Store) -> None:
+    await fill(store, 6)
+    await claim_ids(store, *["a"] * 6)
+    results = await store.settle(
+        [
+            Settle(Q, "a", ["m0", "m1"], Outcome.ACK),
+            Settle(Q, "a", ["m2", "m3"], Outcome.REQUEUE),
+            Settle(Q, "a", ["m4", "m5"], Outcome.DEAD, reason="nope"),
+        ]
+    )
+    assert results == [Settled(), Settled(), Settled()]
+    stats = await store.stats()
+    assert (stats.queues[Q].ready, stats.queues[Q].in_flight) == (2, 0)
+    assert await claim_ids(store, "b", "b", "b") == [("m2", "b"), ("m3", "b")]
+    [ds] = await store.claim([Claim("$dead." + Q, ("ops",) * 5)])
+    assert [(d.message_id, d.reason) for d in ds] == [("m4", "nope"), ("m5", "nope")]
+
+
+async def test_settle_same_id_twice_in_a_group(store: Store) -> None:
+    await fill(store, 2)
+    await claim_ids(store, "a", "a")
+    assert await settle(store, Outcome.ACK, "a", "m0", "m0", "m1") == Settled()
+    assert (await store.stats()).queues[Q].in_flight == 0
+
+
+async def test_empty_settle_group(store: Store) -> None:
+    assert await settle(store, Outcome.ACK, "a") == Settled()
 
 
 async def test_requeue_returns_message_in_sequence_order(store: Store) -> None:
     await fill(store, 3)
     await claim_ids(store, "a", "b")
     results = await store.settle(
-        [Settle(Q, "m1", "b", Outcome.REQUEUE), Settle(Q, "m0", "a", Outcome.REQUEUE)]
+        [Settle(Q, "b", ["m1"], Outcome.REQUEUE), Settle(Q, "a", ["m0"], Outcome.REQUEUE)]
     )
-    assert [r.found for r in results] == [True, True]
+    assert results == [Settled(), Settled()]
     claimed = await claim_ids(store, "c", "c", "c")
     assert [m for m, _ in claimed] == ["m0", "m1", "m2"]
 
 
 async def test_dead_letter_moves_message_to_dead_queue(store: Store) -> None:
-    await store.append([qmsg("m0", payload=b'{"bad":true}', ts=55.0), qmsg("m1")])
+    await store.append([qapp("m0", payload=b'{"bad":true}', ts=55.0), qapp("m1")])
     await claim_ids(store, "c", "c")
-    [settled] = await store.settle([Settle(Q, "m0", "c", Outcome.DEAD, reason="cannot parse")])
-    assert settled.found
-    assert settled.failure is None
+    settled = await settle(store, Outcome.DEAD, "c", "m0", reason="cannot parse")
+    assert settled == Settled()
     stats = await store.stats()
     assert stats.queues[Q].in_flight == 1
     assert stats.queues["$dead." + Q].ready == 1
@@ -262,6 +431,26 @@ async def test_dead_letter_moves_message_to_dead_queue(store: Store) -> None:
     assert d.reason == "cannot parse"
     assert not await ack(store, "m0", "c")
     assert await ack(store, "m0", "ops", queue="$dead." + Q)
+
+
+async def test_failed_dead_letter_group_changes_nothing(make_store: StoreFactory) -> None:
+    store = await make_store(max_queue_messages=3)
+    await fill(store, 3)
+    await claim_ids(store, "a", "a", "a")
+    # The dead-letter queue has room for 3: two fit, the group of two more does not.
+    assert await settle(store, Outcome.DEAD, "a", "m0", "m1", reason="x") == Settled()
+    await fill(store, 2, prefix="n")
+    await claim_ids(store, "a", "a")
+    failed = await settle(store, Outcome.DEAD, "a", "m2", "n0", "zz", reason="y")
+    assert failed.failure is StoreFailure.QUEUE_FULL
+    assert failed.unknown == {"zz"}
+    stats = await store.stats()
+    assert (stats.queues[Q].ready, stats.queues[Q].in_flight) == (0, 3)
+    assert (stats.queues["$dead." + Q].ready, stats.queues["$dead." + Q].in_flight) == (2, 0)
+    # Still held by a, so they can be settled otherwise; the failed group left no trace.
+    assert await settle(store, Outcome.ACK, "a", "m2", "n0") == Settled()
+    [ds] = await store.claim([Claim("$dead." + Q, ("ops",) * 5)])
+    assert [(d.message_id, d.reason) for d in ds] == [("m0", "x"), ("m1", "x")]
 
 
 # -- release and reclaim -----------------------------------------------------------
@@ -301,10 +490,9 @@ async def test_settle_racing_release_wins(store: Store) -> None:
     await fill(store, 2)
     await claim_ids(store, "a", "a")
     settled, released = await asyncio.gather(
-        store.settle([Settle(Q, "m0", "a", Outcome.ACK)]), store.release(Q, "a")
+        store.settle([Settle(Q, "a", ["m0"], Outcome.ACK)]), store.release(Q, "a")
     )
-    assert settled[0].found
-    assert settled[0].failure is None
+    assert settled == [Settled()]
     assert released == 1  # m1 only: m0 was being settled
     assert await claim_ids(store, "b", "b") == [("m1", "b")]
 
@@ -313,9 +501,9 @@ async def test_requeue_racing_release(store: Store) -> None:
     await fill(store, 1)
     await claim_ids(store, "a")
     settled, released = await asyncio.gather(
-        store.settle([Settle(Q, "m0", "a", Outcome.REQUEUE)]), store.release(Q, "a")
+        store.settle([Settle(Q, "a", ["m0"], Outcome.REQUEUE)]), store.release(Q, "a")
     )
-    assert settled[0].found
+    assert settled == [Settled()]
     assert released == 0
     assert await claim_ids(store, "b") == [("m0", "b")]
 
@@ -324,9 +512,9 @@ async def test_settle_racing_reclaim(store: Store) -> None:
     await fill(store, 1)
     await claim_ids(store, "a", deadline=10.0)
     settled, reclaimed = await asyncio.gather(
-        store.settle([Settle(Q, "m0", "a", Outcome.ACK)]), store.reclaim(20.0)
+        store.settle([Settle(Q, "a", ["m0"], Outcome.ACK)]), store.reclaim(20.0)
     )
-    assert settled[0].found
+    assert settled == [Settled()]
     assert reclaimed == []
     assert await claim_ids(store, "b") == []
 
@@ -335,8 +523,11 @@ async def test_settle_racing_reclaim(store: Store) -> None:
 
 
 async def test_topic_positions_are_consecutive_and_readable(store: Store) -> None:
-    results = await store.append([tmsg(f"t{i}", payload=b"%d" % i) for i in range(10)])
-    positions = [r.position for r in results]
+    ids = [f"t{i}" for i in range(10)]
+    [result] = await store.append(
+        [Append(Kind.TOPIC, T, ids, [b"%d" % i for i in range(10)], 1000.0)]
+    )
+    positions = list(result.positions)
     assert positions == list(range(positions[0], positions[0] + 10))
     read = await store.read(T, 0, 100)
     assert read.first == positions[0]
@@ -348,8 +539,8 @@ async def test_topic_positions_are_consecutive_and_readable(store: Store) -> Non
     assert [m.message_id for m in part.messages] == ["t3", "t4", "t5", "t6"]
     assert (await store.read(T, read.end, 10)).messages == ()
     assert (await store.read(T, positions[0], 0)).messages == ()
-    other = await store.append([tmsg("o", topic="other")])
-    assert (await store.read("other", 0, 10)).messages[0].position == other[0].position
+    [other] = await store.append([tapp("o", topic="other")])
+    assert (await store.read("other", 0, 10)).messages[0].position == other.positions[0]
 
 
 async def test_read_of_unknown_topic_is_empty(store: Store) -> None:
@@ -361,7 +552,7 @@ async def test_read_of_unknown_topic_is_empty(store: Store) -> None:
 async def test_topic_reads_across_many_appends(store: Store) -> None:
     for batch in range(20):
         await store.append(
-            [tmsg(f"t{batch}-{i}", payload=b'"%s"' % (b"x" * 50)) for i in range(10)]
+            [tapp(*[f"t{batch}-{i}" for i in range(10)], payload=b'"%s"' % (b"x" * 50))]
         )
     read = await store.read(T, 0, 1000)
     assert len(read.messages) == 200
@@ -375,7 +566,7 @@ async def test_topic_reads_across_many_appends(store: Store) -> None:
 async def test_retention_by_count_drops_oldest(make_store: StoreFactory) -> None:
     store = await make_store(retention=Retention(max_messages=10, max_bytes=None, max_age=None))
     for i in range(100):
-        await store.append([tmsg(f"t{i}", payload=b'"%s"' % (b"y" * 40))])
+        await store.append([tapp(f"t{i}", payload=b'"%s"' % (b"y" * 40))])
     await store.maintain(2000.0)
     stats = (await store.stats()).topics[T]
     # Backends may trim in coarser units (whole segments), but keep at least the limit.
@@ -391,7 +582,7 @@ async def test_retention_by_count_drops_oldest(make_store: StoreFactory) -> None
 async def test_retention_by_age(make_store: StoreFactory) -> None:
     store = await make_store(retention=Retention(max_messages=None, max_bytes=None, max_age=60.0))
     for i in range(50):
-        await store.append([tmsg(f"old{i}", payload=b'"%s"' % (b"z" * 40), ts=1000.0)])
+        await store.append([tapp(f"old{i}", payload=b'"%s"' % (b"z" * 40), ts=1000.0)])
     await store.maintain(1050.0)
     assert (await store.stats()).topics[T].retained == 50
     await store.maintain(5000.0)
@@ -399,8 +590,8 @@ async def test_retention_by_age(make_store: StoreFactory) -> None:
     assert stats.retained == 0
     assert stats.first == stats.end
     assert stats.bytes == 0
-    [appended] = await store.append([tmsg("new", ts=5000.0)])
-    assert appended.position == stats.end
+    [appended] = await store.append([tapp("new", ts=5000.0)])
+    assert list(appended.positions) == [stats.end]
     read = await store.read(T, 0, 100)
     assert [m.message_id for m in read.messages] == ["new"]
     assert read.first == stats.end
@@ -409,7 +600,7 @@ async def test_retention_by_age(make_store: StoreFactory) -> None:
 async def test_retention_by_bytes(make_store: StoreFactory) -> None:
     store = await make_store(retention=Retention(max_messages=None, max_bytes=1000, max_age=None))
     for i in range(100):
-        await store.append([tmsg(f"t{i}", payload=b'"%s"' % (b"b" * 48))])
+        await store.append([tapp(f"t{i}", payload=b'"%s"' % (b"b" * 48))])
     await store.maintain(2000.0)
     stats = (await store.stats()).topics[T]
     assert 1000 <= stats.bytes < 5000
@@ -420,10 +611,10 @@ async def test_retention_by_bytes(make_store: StoreFactory) -> None:
 
 
 async def test_cursor_open_commit_delete(store: Store) -> None:
-    await store.append([tmsg("t0"), tmsg("t1")])
+    await store.append([tapp("t0", "t1")])
     end = (await store.read(T, 0, 0)).end
     assert await store.open_cursor(T, "audit") == end
-    await store.append([tmsg("t2")])
+    await store.append([tapp("t2")])
     assert await store.open_cursor(T, "audit") == end  # found, not moved
     assert await store.commit_cursors([CursorCommit(T, "audit", end + 1)]) == [None]
     assert await store.open_cursor(T, "audit") == end + 1
@@ -447,9 +638,7 @@ async def test_cursor_on_new_topic_and_many_commits(store: Store) -> None:
 
 
 async def test_queue_stats(store: Store) -> None:
-    await store.append(
-        [qmsg("a", payload=b"[1]"), qmsg("b", payload=b"[22]"), qmsg("c", payload=b"3")]
-    )
+    await store.append([Append(Kind.QUEUE, Q, ["a", "b", "c"], [b"[1]", b"[22]", b"3"], 1.0)])
     await claim_ids(store, "x")
     stats = (await store.stats()).queues[Q]
     assert (stats.ready, stats.in_flight, stats.bytes) == (2, 1, 8)
@@ -459,7 +648,7 @@ async def test_queue_stats(store: Store) -> None:
 
 
 async def test_topic_stats(store: Store) -> None:
-    await store.append([tmsg("a", payload=b"[1]"), tmsg("b", payload=b"[22]")])
+    await store.append([Append(Kind.TOPIC, T, ["a", "b"], [b"[1]", b"[22]"], 1.0)])
     stats = (await store.stats()).topics[T]
     assert stats.end - stats.first == stats.retained == 2
     assert stats.bytes == 7
@@ -479,8 +668,7 @@ async def test_long_publish_ack_loop(store: Store, count: int) -> None:
         ids = await fill(store, count, prefix=f"r{round_}-")
         deliveries = await claim_ids(store, *["c"] * count)
         assert [m for m, _ in deliveries] == ids
-        results = await store.settle([Settle(Q, m, "c", Outcome.ACK) for m in ids])
-        assert all(r.found for r in results)
+        assert await settle(store, Outcome.ACK, "c", *ids) == Settled()
         await store.maintain(1000.0 + round_)
     stats = (await store.stats()).queues[Q]
     assert (stats.ready, stats.in_flight, stats.bytes) == (0, 0, 0)

@@ -16,7 +16,6 @@ from msg.persistence import (
     Outcome,
     Settle,
     Store,
-    StoredMessage,
 )
 from msg.storage.filestore import FileStore
 from msg.storage.memory import MemoryStore
@@ -31,16 +30,18 @@ async def step(
     choice = rng.random()
     queue = rng.choice(QUEUES)
     if choice < 0.35:
-        items = []
-        for _ in range(rng.randint(1, 8)):
-            counter[0] += 1
-            # Now and then a retry of an earlier id.
-            number = counter[0] if rng.random() > 0.1 else rng.randint(1, counter[0])
-            payload = b'{"n":%d,"pad":"%s"}' % (number, b"p" * rng.randint(0, 200))
-            items.append(
-                Append(Kind.QUEUE, queue, StoredMessage(f"m{number}", payload, float(number)))
-            )
-        return [(r.position, r.failure) for r in await store.append(items)]
+        appends = []
+        for name in rng.sample(QUEUES, rng.randint(1, 2)):
+            ids = []
+            payloads = []
+            for _ in range(rng.randint(0, 8)):
+                counter[0] += 1
+                # Now and then a retry of an earlier id.
+                number = counter[0] if rng.random() > 0.1 else rng.randint(1, counter[0])
+                ids.append(f"m{number}")
+                payloads.append(b'{"n":%d,"pad":"%s"}' % (number, b"p" * rng.randint(0, 200)))
+            appends.append(Append(Kind.QUEUE, name, ids, payloads, float(counter[0])))
+        return [(list(r.positions), r.failure) for r in await store.append(appends)]
     if choice < 0.6:
         consumers = tuple(rng.choice(CONSUMERS) for _ in range(rng.randint(1, 5)))
         auto_ack = rng.random() < 0.2
@@ -48,19 +49,22 @@ async def step(
         [ds] = await store.claim([Claim(queue, consumers, auto_ack=auto_ack, deadline=deadline)])
         if not auto_ack:
             held.update((queue, d.message_id, d.consumer) for d in ds)
-        return [(d.message_id, d.consumer, d.attempt, d.payload) for d in ds]
+        return [(d.message_id, d.consumer, d.attempt, d.payload, d.reason) for d in ds]
     if choice < 0.85:
         if not held:
             return None
-        picks = rng.sample(sorted(held), min(len(held), rng.randint(1, 4)))
-        outcomes = [
-            rng.choice([Outcome.ACK, Outcome.ACK, Outcome.REQUEUE, Outcome.DEAD]) for _ in picks
-        ]
-        results = await store.settle(
-            [Settle(q, m, c, o, reason="r") for (q, m, c), o in zip(picks, outcomes, strict=True)]
-        )
-        held.difference_update(picks)
-        return [(r.found, r.failure) for r in results]
+        picks = rng.sample(sorted(held), min(len(held), rng.randint(1, 6)))
+        groups: dict[tuple[str, str], list[str]] = {}
+        for q, m, c in picks:
+            groups.setdefault((q, c), []).append(m)
+        if rng.random() < 0.2:
+            groups.setdefault((queue, rng.choice(CONSUMERS)), []).append("m-unknown")
+        outcomes = [Outcome.ACK, Outcome.ACK, Outcome.REQUEUE, Outcome.DEAD]
+        settles = [Settle(q, c, ms, rng.choice(outcomes), "r") for (q, c), ms in groups.items()]
+        results = await store.settle(settles)
+        for (q, c), ms in groups.items():
+            held.difference_update((q, m, c) for m in ms)
+        return [(sorted(r.unknown), r.failure) for r in results]
     if choice < 0.92:
         consumer = rng.choice(CONSUMERS)
         return await store.release(queue, consumer)
@@ -81,10 +85,15 @@ async def not_done(store: Store) -> dict[str, list[str]]:
     return out
 
 
+@pytest.mark.parametrize("limit", [None, 25])
 @pytest.mark.parametrize("seed", range(6))
-async def test_file_store_matches_memory_store(tmp_path: Path, seed: int) -> None:
-    memory = MemoryStore()
-    files = FileStore(tmp_path, segment_bytes=1500, fsync=FsyncPolicy.NEVER)
+async def test_file_store_matches_memory_store(
+    tmp_path: Path, seed: int, limit: int | None
+) -> None:
+    memory = MemoryStore(max_queue_messages=limit)
+    files = FileStore(
+        tmp_path, segment_bytes=1500, fsync=FsyncPolicy.NEVER, max_queue_messages=limit
+    )
     await memory.open()
     await files.open()
     try:
@@ -100,7 +109,7 @@ async def test_file_store_matches_memory_store(tmp_path: Path, seed: int) -> Non
         assert stats_f.queues == stats_m.queues
     finally:
         await files.close()
-    reopened = FileStore(tmp_path, segment_bytes=1500)
+    reopened = FileStore(tmp_path, segment_bytes=1500, max_queue_messages=limit)
     await reopened.open()
     try:
         assert await not_done(reopened) == await not_done(memory)

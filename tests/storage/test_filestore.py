@@ -25,7 +25,7 @@ from msg.persistence import (
     Outcome,
     Retention,
     Settle,
-    StoredMessage,
+    Settled,
     StoreFailure,
 )
 from msg.storage.filestore import FileStore
@@ -36,13 +36,28 @@ T = "news"
 STORAGE_LOGGER = "msg.storage"
 
 
-def qmsg(message_id: str, queue: str = Q, payload: bytes | None = None) -> Append:
-    body = payload if payload is not None else b'{"id":"%s"}' % message_id.encode()
-    return Append(Kind.QUEUE, queue, StoredMessage(message_id, body, 1000.0))
+def qapp(*message_ids: str, queue: str = Q, payload: bytes | None = None) -> Append:
+    """One append to a queue; each payload is {"id":<id>} unless ``payload`` is given."""
+    payloads = [
+        payload if payload is not None else b'{"id":"%s"}' % m.encode() for m in message_ids
+    ]
+    return Append(Kind.QUEUE, queue, message_ids, payloads, 1000.0)
 
 
-def tmsg(message_id: str, topic: str = T, ts: float = 1000.0) -> Append:
-    return Append(Kind.TOPIC, topic, StoredMessage(message_id, b'"%s"' % message_id.encode(), ts))
+def tapp(*message_ids: str, topic: str = T, ts: float = 1000.0) -> Append:
+    """One append to a topic; each payload is the id as a JSON string."""
+    payloads = [b'"%s"' % m.encode() for m in message_ids]
+    return Append(Kind.TOPIC, topic, message_ids, payloads, ts)
+
+
+def ids(prefix: str, count: int, start: int = 0) -> list[str]:
+    return [f"{prefix}{i}" for i in range(start, start + count)]
+
+
+def settle(
+    consumer: str, *message_ids: str, outcome: Outcome = Outcome.ACK, reason: str | None = None
+) -> Settle:
+    return Settle(Q, consumer, message_ids, outcome, reason)
 
 
 @asynccontextmanager
@@ -89,11 +104,10 @@ def storage_logs(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.L
 
 async def test_saving_and_loading_queue_messages(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
-        await store.append([qmsg(f"m{i}") for i in range(6)])
+        await store.append([qapp(*ids("m", 6))])
         [ds] = await store.claim([Claim(Q, ("a", "a", "a"))])
         assert [d.message_id for d in ds] == ["m0", "m1", "m2"]
-        await store.settle([Settle(Q, "m1", "a", Outcome.ACK)])
-        await store.settle([Settle(Q, "m2", "a", Outcome.REQUEUE)])
+        await store.settle([settle("a", "m1"), settle("a", "m2", outcome=Outcome.REQUEUE)])
         # m0 stays in flight: in-flight state is volatile, so it is ready after a restart.
     async with opened(tmp_path) as store:
         [ds] = await store.claim([Claim(Q, ("b",) * 10)])
@@ -107,15 +121,15 @@ async def test_saving_and_loading_queue_messages(tmp_path: Path) -> None:
         assert ds[3].payload == b'{"id":"m4"}'
         assert ds[3].published_at == 1000.0
         # Sequence numbers continue after the restart.
-        [appended, retried] = await store.append([qmsg("m6"), qmsg("m3")])
-        assert appended.position == 6
-        assert retried.position == 3  # a retry of a recent id after the restart
+        [appended] = await store.append([qapp("m6", "m3")])
+        # m3 is a retry of a recent id after the restart.
+        assert list(appended.positions) == [6, 3]
 
 
 async def test_saving_and_loading_pubsub_messages(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
-        results = await store.append([tmsg(f"t{i}") for i in range(5)])
-        assert [r.position for r in results] == [0, 1, 2, 3, 4]
+        [result] = await store.append([tapp(*ids("t", 5))])
+        assert result.positions == range(5)
         assert await store.open_cursor(T, "audit") == 5
         await store.commit_cursors([CursorCommit(T, "audit", 3), CursorCommit(T, "other", 1)])
         assert await store.open_cursor(T, "gone") == 5
@@ -129,20 +143,20 @@ async def test_saving_and_loading_pubsub_messages(tmp_path: Path) -> None:
         stats = (await store.stats()).topics[T]
         assert dict(stats.cursors) == {"audit": 3, "other": 1}
         assert await store.open_cursor(T, "audit") == 3
-        [appended] = await store.append([tmsg("t5")])
-        assert appended.position == 5
+        [appended] = await store.append([tapp("t5")])
+        assert list(appended.positions) == [5]
         # Idempotent append survives a restart for recent ids.
-        [again] = await store.append([tmsg("t2")])
-        assert again.position == 2
+        [again] = await store.append([tapp("t2", "t6")])
+        assert list(again.positions) == [2, 6]
 
 
 async def test_deleting_messages(tmp_path: Path) -> None:
     async with opened(tmp_path, segment_bytes=1024) as store:
         for i in range(0, 40, 4):
-            await store.append([qmsg(f"m{j}") for j in range(i, i + 4)])
+            await store.append([qapp(*ids("m", 4, i))])
         [ds] = await store.claim([Claim(Q, ("c",) * 40)])
-        results = await store.settle([Settle(Q, d.message_id, "c", Outcome.ACK) for d in ds[:30]])
-        assert all(r.found for r in results)
+        results = await store.settle([settle("c", *[d.message_id for d in ds[:30]])])
+        assert results == [Settled()]
         before = len(segment_files(tmp_path))
         await store.maintain(2000.0)
         after = len(segment_files(tmp_path))
@@ -153,7 +167,7 @@ async def test_deleting_messages(tmp_path: Path) -> None:
 
 async def test_recovery_reports_what_it_found(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
-        await store.append([qmsg("a"), qmsg("b"), tmsg("t"), qmsg("x", queue="other")])
+        await store.append([qapp("a", "b"), tapp("t"), qapp("x", queue="other")])
     store = FileStore(tmp_path)
     recovery = await store.open()
     try:
@@ -166,11 +180,12 @@ async def test_recovery_reports_what_it_found(tmp_path: Path) -> None:
 
 async def test_dead_letters_survive_restart(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
-        await store.append([qmsg("m0"), qmsg("m1")])
+        await store.append([qapp("m0", "m1")])
         await store.claim([Claim(Q, ("c", "c"))])
-        [settled] = await store.settle([Settle(Q, "m0", "c", Outcome.DEAD, reason='bad "json"')])
-        assert settled.found
-        assert settled.failure is None
+        [settled] = await store.settle(
+            [settle("c", "m0", outcome=Outcome.DEAD, reason='bad "json"')]
+        )
+        assert settled == Settled()
     async with opened(tmp_path) as store:
         assert await ids_of(store) == ["m1"]
         [[d]] = await store.claim([Claim("$dead." + Q, ("ops",))])
@@ -179,7 +194,7 @@ async def test_dead_letters_survive_restart(tmp_path: Path) -> None:
 
 async def test_auto_ack_consumption_is_logged(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
-        await store.append([qmsg("m0"), qmsg("m1")])
+        await store.append([qapp("m0", "m1")])
         await store.claim([Claim(Q, ("c",), auto_ack=True)])
     async with opened(tmp_path) as store:
         assert await ids_of(store) == ["m1"]
@@ -187,9 +202,9 @@ async def test_auto_ack_consumption_is_logged(tmp_path: Path) -> None:
 
 async def test_records_are_readable_json_lines(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
-        await store.append([qmsg("m0", payload=b'{"a":[1,"x\\ny"]}'), tmsg("t0")])
+        await store.append([qapp("m0", payload=b'{"a":[1,"x\\ny"]}'), tapp("t0")])
         await store.claim([Claim(Q, ("c",))])
-        await store.settle([Settle(Q, "m0", "c", Outcome.REQUEUE)])
+        await store.settle([settle("c", "m0", outcome=Outcome.REQUEUE)])
         await store.open_cursor(T, "c")
     records = [json.loads(line) for line in log_lines(tmp_path)]
     assert [r["op"] for r in records] == ["pub", "req", "pub", "cur"]
@@ -202,7 +217,7 @@ async def test_records_are_readable_json_lines(tmp_path: Path) -> None:
 
 async def test_payload_with_raw_newlines_stays_one_record(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
-        await store.append([qmsg("m0", payload=b'{\n  "a": 1\n}')])
+        await store.append([qapp("m0", payload=b'{\n  "a": 1\n}')])
     async with opened(tmp_path) as store:
         [[d]] = await store.claim([Claim(Q, ("c",))])
         assert json.loads(d.payload) == {"a": 1}
@@ -214,7 +229,7 @@ async def test_payload_with_raw_newlines_stays_one_record(tmp_path: Path) -> Non
 async def _write_queue(root: Path, count: int) -> Path:
     async with opened(root) as store:
         for i in range(count):
-            await store.append([qmsg(f"m{i}")])
+            await store.append([qapp(f"m{i}")])
     [path] = segment_files(root)
     return path
 
@@ -265,7 +280,7 @@ async def test_garbage_after_last_record_is_cut_off(
         file.write(garbage)
     async with opened(tmp_path) as store:
         assert await ids_of(store) == ["m0", "m1", "m2"]
-        await store.append([qmsg("m3")])
+        await store.append([qapp("m3")])
     warnings = storage_logs(caplog, logging.WARNING)
     assert len(warnings) == 1
     assert f"offset {size}" in warnings[0].getMessage()
@@ -323,7 +338,7 @@ async def test_corrupt_topic_record_is_never_delivered(
 ) -> None:
     caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
     async with opened(tmp_path) as store:
-        await store.append([tmsg(f"t{i}") for i in range(10)])
+        await store.append([tapp(*ids("t", 10))])
     [path] = segment_files(tmp_path, "topics", T)
     data = path.read_bytes()
     at = data.index(b'"t4"', data.index(b'"id":"t4"') + 10)
@@ -340,7 +355,7 @@ async def test_corrupt_topic_record_is_never_delivered(
 async def test_torn_cursor_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
     async with opened(tmp_path) as store:
-        await store.append([tmsg("t0")])
+        await store.append([tapp("t0")])
         await store.commit_cursors([CursorCommit(T, "a", 0)])
         await store.commit_cursors([CursorCommit(T, "a", 1)])
     path = segment_files(tmp_path, "topics", T)[0].parent / "cursors.log"
@@ -356,7 +371,7 @@ async def test_unreadable_meta_moves_directory_aside(
 ) -> None:
     caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
     async with opened(tmp_path) as store:
-        await store.append([qmsg("m0"), qmsg("k0", queue="keep")])
+        await store.append([qapp("m0"), qapp("k0", queue="keep")])
     [path] = segment_files(tmp_path)
     (path.parent / "meta.json").write_bytes(b"{broken")
     empty = tmp_path / "topics" / "half-created"
@@ -411,7 +426,7 @@ async def test_hostile_names_stay_inside_and_round_trip(tmp_path: Path) -> None:
     names = list(dict.fromkeys(HOSTILE_NAMES))
     async with opened(root) as store:
         for i, name in enumerate(names):
-            results = await store.append([qmsg(f"q{i}", queue=name), tmsg(f"t{i}", topic=name)])
+            results = await store.append([qapp(f"q{i}", queue=name), tapp(f"t{i}", topic=name)])
             assert [r.failure for r in results] == [None, None]
     entries = list(root.rglob("*"))
     resolved_root = root.resolve()
@@ -446,10 +461,9 @@ async def test_disk_usage_stays_bounded_under_publish_ack_loop(tmp_path: Path) -
     async with opened(tmp_path, segment_bytes=segment_bytes, fsync=FsyncPolicy.NEVER) as store:
         peak = 0
         for round_ in range(300):
-            ids = [f"r{round_}-{i}" for i in range(10)]
-            await store.append([qmsg(m) for m in ids])
+            await store.append([qapp(*ids(f"r{round_}-", 10))])
             [ds] = await store.claim([Claim(Q, ("c",) * 10)])
-            await store.settle([Settle(Q, d.message_id, "c", Outcome.ACK) for d in ds])
+            await store.settle([settle("c", *[d.message_id for d in ds])])
             await store.maintain(1000.0 + round_)
             peak = max(peak, disk_usage(tmp_path))
         # 300 rounds wrote ~900 KiB of records; only about two segments are ever kept.
@@ -459,13 +473,11 @@ async def test_disk_usage_stays_bounded_under_publish_ack_loop(tmp_path: Path) -
 
 async def test_compaction_moves_live_messages_and_keeps_order(tmp_path: Path) -> None:
     async with opened(tmp_path, segment_bytes=2048) as store:
-        await store.append([qmsg(f"m{i:03}") for i in range(200)])
+        await store.append([qapp(*[f"m{i:03}" for i in range(200)])])
         [ds] = await store.claim([Claim(Q, ("c",) * 200)])
         keep = {"m005", "m050", "m120"}
-        await store.settle(
-            [Settle(Q, d.message_id, "c", Outcome.ACK) for d in ds if d.message_id not in keep]
-        )
-        await store.settle([Settle(Q, "m050", "c", Outcome.REQUEUE)])
+        await store.settle([settle("c", *[d.message_id for d in ds if d.message_id not in keep])])
+        await store.settle([settle("c", "m050", outcome=Outcome.REQUEUE)])
         before = len(segment_files(tmp_path))
         for i in range(before):
             await store.maintain(1000.0 + i)
@@ -481,7 +493,7 @@ async def test_retention_deletes_segments_and_survives_restart(tmp_path: Path) -
     retention = Retention(max_messages=20, max_bytes=None, max_age=None)
     async with opened(tmp_path, segment_bytes=1024, retention=retention) as store:
         for i in range(200):
-            await store.append([tmsg(f"t{i}")])
+            await store.append([tapp(f"t{i}")])
         before = len(segment_files(tmp_path, "topics", T))
         await store.maintain(2000.0)
         stats = (await store.stats()).topics[T]
@@ -497,7 +509,7 @@ async def test_retention_deletes_segments_and_survives_restart(tmp_path: Path) -
 
 async def test_cursor_log_is_compacted(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
-        await store.append([tmsg("t0")])
+        await store.append([tapp("t0")])
         commits = [CursorCommit(T, f"c{i % 5}", i) for i in range(6000)]
         assert await store.commit_cursors(commits) == [None] * 6000
         path = segment_files(tmp_path, "topics", T)[0].parent / "cursors.log"
@@ -513,9 +525,7 @@ async def test_cursor_log_is_compacted(tmp_path: Path) -> None:
 async def test_large_payloads_read_back(tmp_path: Path) -> None:
     big = b'"' + b"z" * 300_000 + b'"'
     async with opened(tmp_path, segment_bytes=100_000) as store:
-        await store.append(
-            [Append(Kind.TOPIC, T, StoredMessage(f"b{i}", big, 1.0)) for i in range(3)]
-        )
+        await store.append([Append(Kind.TOPIC, T, ids("b", 3), [big] * 3, 1.0)])
     async with opened(tmp_path, segment_bytes=100_000) as store:
         read = await store.read(T, 1, 5)
         assert [m.message_id for m in read.messages] == ["b1", "b2"]
@@ -541,12 +551,12 @@ async def test_always_syncs_before_append_returns(tmp_path: Path) -> None:
     fs = CountingFS()
     async with opened(tmp_path, fs=fs) as store:
         before = fs.syncs
-        await store.append([qmsg("m0")])
+        await store.append([qapp("m0")])
         assert fs.syncs > before
         synced = fs.syncs
         await store.claim([Claim(Q, ("c",))])
         assert fs.syncs == synced  # claims without auto_ack write nothing
-        await store.settle([Settle(Q, "m0", "c", Outcome.ACK)])
+        await store.settle([settle("c", "m0")])
         assert fs.syncs > synced
         assert threading.get_ident() not in fs.sync_threads
 
@@ -556,14 +566,14 @@ async def test_concurrent_appends_share_fsyncs(tmp_path: Path) -> None:
     loop = asyncio.get_running_loop()
     async with opened(tmp_path, fs=fs) as store:
         fs.gate.set()
-        await store.append([qmsg("warm-up")])
+        await store.append([qapp("warm-up")])
         fs.gate.clear()
         fs.entered.clear()
         syncs = fs.syncs
-        first = asyncio.create_task(store.append([qmsg("m0")]))
+        first = asyncio.create_task(store.append([qapp("m0")]))
         assert await loop.run_in_executor(None, fs.entered.wait, 10)
         writes = fs.writes
-        rest = [asyncio.create_task(store.append([qmsg(f"m{i}")])) for i in range(1, 11)]
+        rest = [asyncio.create_task(store.append([qapp(f"m{i}")])) for i in range(1, 11)]
         await asyncio.sleep(0)  # let every task write
         assert fs.writes == writes + 10  # written at once, not waiting for the fsync
         assert not first.done()
@@ -578,7 +588,7 @@ async def test_message_not_claimable_until_append_completes(tmp_path: Path) -> N
     fs = GatedFS()
     loop = asyncio.get_running_loop()
     async with opened(tmp_path, fs=fs) as store:
-        pending = asyncio.create_task(store.append([qmsg("m0"), tmsg("t0")]))
+        pending = asyncio.create_task(store.append([qapp("m0"), tapp("t0")]))
         assert await loop.run_in_executor(None, fs.entered.wait, 10)
         assert await store.claim([Claim(Q, ("c",))]) == [[]]
         assert (await store.read(T, 0, 10)).messages == ()
@@ -594,17 +604,17 @@ async def test_settle_racing_release_while_fsync_runs(tmp_path: Path) -> None:
     fs.gate.set()
     loop = asyncio.get_running_loop()
     async with opened(tmp_path, fs=fs) as store:
-        await store.append([qmsg("m0"), qmsg("m1")])
+        await store.append([qapp("m0", "m1")])
         await store.claim([Claim(Q, ("a", "a"))])
         fs.gate.clear()
         fs.entered.clear()
-        settling = asyncio.create_task(store.settle([Settle(Q, "m0", "a", Outcome.ACK)]))
+        settling = asyncio.create_task(store.settle([settle("a", "m0")]))
         assert await loop.run_in_executor(None, fs.entered.wait, 10)
         assert await store.release(Q, "a") == 1  # m1 only
         assert await store.reclaim(float("inf")) == []
         fs.gate.set()
         [settled] = await settling
-        assert settled.found
+        assert settled == Settled()
         assert await ids_of(store) == ["m1"]
 
 
@@ -612,25 +622,25 @@ async def test_cancelled_append_still_takes_effect(tmp_path: Path) -> None:
     fs = GatedFS()
     loop = asyncio.get_running_loop()
     async with opened(tmp_path, fs=fs) as store:
-        pending = asyncio.create_task(store.append([qmsg("m0")]))
+        pending = asyncio.create_task(store.append([qapp("m0")]))
         assert await loop.run_in_executor(None, fs.entered.wait, 10)
         pending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pending
         fs.gate.set()
-        await store.append([qmsg("m1")])
+        await store.append([qapp("m1")])
         assert await ids_of(store) == ["m0", "m1"]
 
 
 async def test_everysec_syncs_in_maintain(tmp_path: Path) -> None:
     fs = CountingFS()
     async with opened(tmp_path, fs=fs, fsync=FsyncPolicy.EVERYSEC) as store:
-        await store.append([qmsg("m0")])
+        await store.append([qapp("m0")])
         assert fs.syncs == 0
         await store.maintain(100.0)
         synced = fs.syncs
         assert synced > 0
-        await store.append([qmsg("m1")])
+        await store.append([qapp("m1")])
         await store.maintain(100.5)
         assert fs.syncs == synced
         await store.maintain(101.0)
@@ -642,7 +652,7 @@ async def test_never_syncs_only_on_close(tmp_path: Path) -> None:
     fs = CountingFS()
     store = FileStore(tmp_path, fs=fs, fsync=FsyncPolicy.NEVER)
     await store.open()
-    await store.append([qmsg(f"m{i}") for i in range(10)])
+    await store.append([qapp(*ids("m", 10))])
     await store.maintain(100.0)
     await store.maintain(200.0)
     assert fs.syncs == 0
@@ -659,12 +669,15 @@ async def test_disk_full_fails_items_and_recovers(
     caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
     fs = LimitedFS()
     async with opened(tmp_path, fs=fs) as store:
-        await store.append([qmsg("m0"), tmsg("t0")])
+        await store.append([qapp("m0"), tapp("t0")])
         [path] = segment_files(tmp_path)
         size = path.stat().st_size
         fs.space = 100  # part of the batch fits: a partial write, then ENOSPC
-        results = await store.append([qmsg(f"m{i}") for i in range(1, 11)] + [tmsg("t1")])
-        assert {r.failure for r in results} == {StoreFailure.STORAGE_FULL}
+        results = await store.append([qapp(*ids("m", 10, 1)), tapp("t1")])
+        assert [(len(r.positions), r.failure) for r in results] == [
+            (0, StoreFailure.STORAGE_FULL)
+        ] * 2
+        assert results[0].detail
         assert path.stat().st_size == size  # the partial record was cut off
         assert store.writable() is None
         assert (await store.stats()).queues[Q].ready == 1
@@ -672,20 +685,18 @@ async def test_disk_full_fails_items_and_recovers(
         # A settle that cannot be logged leaves the message in flight.
         await store.claim([Claim(Q, ("c",))])
         fs.space = 0
-        [settled] = await store.settle([Settle(Q, "m0", "c", Outcome.ACK)])
-        assert settled.found
-        assert settled.failure is StoreFailure.STORAGE_FULL
+        [settled] = await store.settle([settle("c", "m0")])
+        assert settled == Settled(failure=StoreFailure.STORAGE_FULL)
         assert (await store.stats()).queues[Q].in_flight == 1
         # A new queue cannot even be created.
-        [created] = await store.append([qmsg("n0", queue="new")])
+        [created] = await store.append([qapp("n0", queue="new")])
         assert created.failure is StoreFailure.STORAGE_FULL
         fs.space = None  # space was freed
-        [settled] = await store.settle([Settle(Q, "m0", "c", Outcome.ACK)])
-        assert settled.found
-        assert settled.failure is None
-        results = await store.append([qmsg("m1"), tmsg("t1"), qmsg("n0", queue="new")])
+        [settled] = await store.settle([settle("c", "m0")])
+        assert settled == Settled()
+        results = await store.append([qapp("m1"), tapp("t1"), qapp("n0", queue="new")])
         assert [r.failure for r in results] == [None, None, None]
-        assert results[1].position == 1  # no position was lost to the failed batch
+        assert list(results[1].positions) == [1]  # no position was lost to the failed batch
     async with opened(tmp_path) as store:
         assert await ids_of(store) == ["m1"]
         assert await ids_of(store, "new") == ["n0"]
@@ -698,10 +709,10 @@ async def test_fsync_failure_turns_store_read_only(
     caplog.set_level(logging.WARNING, logger=STORAGE_LOGGER)
     fs = FailingSyncFS()
     async with opened(tmp_path, fs=fs) as store:
-        await store.append([qmsg("m0"), qmsg("m1")])
+        await store.append([qapp("m0", "m1")])
         await store.claim([Claim(Q, ("c",))])
         fs.broken = True
-        results = await store.append([qmsg("m2"), tmsg("t0")])
+        results = await store.append([qapp("m2"), tapp("t0")])
         assert {r.failure for r in results} == {StoreFailure.STORAGE_ERROR}
         assert store.writable() is StoreFailure.STORAGE_ERROR
         assert (await store.stats()).read_only is StoreFailure.STORAGE_ERROR
@@ -709,10 +720,10 @@ async def test_fsync_failure_turns_store_read_only(
         assert len(errors) == 1
         assert "read-only" in errors[0].getMessage()
         fs.broken = False  # even if the disk seems fine again: no retry-then-ack
-        [later] = await store.append([qmsg("m3")])
+        [later] = await store.append([qapp("m3")])
         assert later.failure is StoreFailure.STORAGE_ERROR
-        [settled] = await store.settle([Settle(Q, "m0", "c", Outcome.ACK)])
-        assert settled.failure is StoreFailure.STORAGE_ERROR
+        [settled] = await store.settle([settle("c", "m0")])
+        assert settled == Settled(failure=StoreFailure.STORAGE_ERROR)
         assert await store.commit_cursors([CursorCommit(T, "x", 0)]) == [StoreFailure.STORAGE_ERROR]
         # The failed message never became claimable; what was there still is.
         assert await ids_of(store) == ["m1"]
@@ -724,4 +735,66 @@ async def test_closed_store_refuses_operations(tmp_path: Path) -> None:
     await store.close()
     await store.close()  # idempotent
     with pytest.raises(StorageError):
-        await store.append([qmsg("m0")])
+        await store.append([qapp("m0")])
+
+
+async def test_failed_write_keeps_only_messages_stored_before(tmp_path: Path) -> None:
+    fs = LimitedFS()
+    async with opened(tmp_path, fs=fs) as store:
+        await store.append([qapp("m0", "m1"), tapp("t0")])
+        fs.space = 0
+        results = await store.append([qapp("m1", "m2", "m0"), tapp("t0", "t1")])
+        # m1 and t0 were stored before; m2 and t1 were in the failed write.
+        assert [(list(r.positions), r.failure) for r in results] == [
+            ([1], StoreFailure.STORAGE_FULL),
+            ([0], StoreFailure.STORAGE_FULL),
+        ]
+        fs.space = None
+        results = await store.append([qapp("m2"), tapp("t1")])
+        assert [r.positions for r in results] == [range(2, 3), range(1, 2)]
+
+
+async def test_bad_id_fails_the_call_and_stages_nothing(tmp_path: Path) -> None:
+    async with opened(tmp_path) as store:
+        bad = Append(Kind.QUEUE, Q, ["m1", "\ud800"], [b"1", b"2"], 1.0)
+        with pytest.raises((TypeError, ValueError)):
+            await store.append([qapp("m0"), tapp("t0"), bad])
+        assert (await store.stats()).queues[Q].ready == 0
+        results = await store.append([qapp("m0", "m1"), tapp("t0")])
+        assert [r.positions for r in results] == [range(2), range(1)]
+        assert await ids_of(store) == ["m0", "m1"]
+    async with opened(tmp_path) as store:
+        assert await ids_of(store) == ["m0", "m1"]
+
+
+async def test_queue_full_prefix_survives_restart(tmp_path: Path) -> None:
+    async with opened(tmp_path, max_queue_messages=3) as store:
+        [result] = await store.append([qapp("m0", "m1", "m0", "m2", "m3", "m4")])
+        assert list(result.positions) == [0, 1, 0, 2]
+        assert result.failure is StoreFailure.QUEUE_FULL
+    async with opened(tmp_path, max_queue_messages=3) as store:
+        assert await ids_of(store) == ["m0", "m1", "m2"]
+        [again] = await store.append([qapp("m3")])
+        assert again.failure is StoreFailure.QUEUE_FULL
+
+
+async def test_sparse_index_of_batches_matches_the_one_rebuilt_at_start_up(
+    tmp_path: Path,
+) -> None:
+    async def marks(store: FileStore) -> list[tuple[int, list[int], list[int], int]]:
+        log = store._topics[T]  # white box: the index a read bisects
+        return [(s.number, s.marks, s.mark_offsets, s.unmarked) for s in log.segments]
+
+    rng = random.Random(7)
+    async with opened(tmp_path, segment_bytes=64 * 1024) as store:
+        for batch in range(60):
+            count = rng.randint(1, 80)
+            message_ids = [f"b{batch}-{i}" for i in range(count)]
+            payloads = [b'"%s"' % (b"x" * rng.randint(0, 600)) for _ in range(count)]
+            await store.append([Append(Kind.TOPIC, T, message_ids, payloads, 1.0)])
+        written = await marks(store)
+        assert sum(len(m) for _, m, _, _ in written) > 20
+    async with opened(tmp_path, segment_bytes=64 * 1024) as store:
+        assert await marks(store) == written
+        read = await store.read(T, 1234, 3)
+        assert [m.position for m in read.messages] == [1234, 1235, 1236]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from msg.persistence import Delivery
 from msg.storage.index import LIFECYCLE, Entry, Event, LifecycleError, State, step
 
 
@@ -27,7 +28,7 @@ def test_the_documented_diagram_holds() -> None:
 
 
 def test_a_transition_not_in_the_table_is_refused() -> None:
-    entry = Entry(0, "m", b"1", 0.0)
+    entry = Entry(0, Delivery("q", "c", "m", b"1", 0.0, 1), state=State.PENDING)
     with pytest.raises(LifecycleError, match="claim"):
         step(entry, Event.CLAIM)  # still pending
     step(entry, Event.COMMIT)

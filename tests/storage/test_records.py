@@ -140,3 +140,46 @@ def test_meta_round_trip_and_rejections() -> None:
     for bad in (b"", b"[]", b'{"v":2,"kind":"queue","name":"x"}', b'{"v":1,"kind":1,"name":"x"}'):
         with pytest.raises(ValueError, match=r".+"):
             records.parse_meta(bad)
+
+
+@pytest.mark.parametrize(
+    ("message_ids", "payloads"),
+    [
+        (["a", "b", "c"], [b"1", b'{"k":[1,2]}', b'"s"']),
+        (["plain", 'quo"te', "back\\slash"], [b"1", b"2", b"3"]),
+        (["new\nline", "tab\there", "\x00"], [b"1", b"2", b"3"]),
+        (["ünïcödé", "日本語", "😀"], [b"[1]", b"[2]", b"[3]"]),
+        (["m0", "m1"], [b'{\n  "a": 1\n}', b"[\n]"]),
+        (["", "x"], [b"null", b"0"]),
+        ([], []),
+    ],
+    ids=["plain", "escaped", "control", "unicode", "newline-payload", "empty-id", "empty"],
+)
+def test_pub_batch_writes_what_pub_parts_writes(
+    message_ids: list[str], payloads: list[bytes]
+) -> None:
+    for published_at in (1000.0, 1732712345.123, 1e-7):
+        seqs = range(40, 40 + len(message_ids))
+        batch = records.pub_batch(seqs, message_ids, payloads, published_at)
+        one_by_one = [
+            b"".join(records.pub_parts(seq, message_id, published_at, payload))
+            for seq, message_id, payload in zip(seqs, message_ids, payloads, strict=True)
+        ]
+        assert batch == one_by_one
+        for raw in batch:
+            assert raw.count(b"\n") == 1
+            assert records.valid(raw[:-1])
+
+
+def test_pub_batch_refuses_an_id_json_cannot_hold() -> None:
+    with pytest.raises((TypeError, ValueError)):
+        records.pub_batch(range(2), ["ok", "\ud800"], [b"1", b"2"], 1.0)
+
+
+def test_batched_short_records_match_single_ones() -> None:
+    seqs = [0, 7, 2**40]
+    assert records.seq_records(b"ack", seqs) == [records.ack_record(s) for s in seqs]
+    assert records.seq_records(b"con", seqs) == [records.consume_record(s) for s in seqs]
+    assert records.seq_records(b"dead", seqs) == [records.dead_record(s) for s in seqs]
+    pairs = [(0, 1), (9, 12)]
+    assert records.requeue_records(pairs) == [records.requeue_record(s, a) for s, a in pairs]
