@@ -189,12 +189,14 @@ class SettleBatch:
 class ReplyRun:
     """Consecutive batched requests of one session, answered together in one slot."""
 
-    __slots__ = ("batch", "has_ids", "rids", "segments", "session", "slot")
+    # A run deliberately does not point back at its batch: the batch holds its runs, and
+    # a cycle would keep each batch (and every payload in it) alive until the cyclic
+    # garbage collector happened to run.
+    __slots__ = ("has_ids", "rids", "segments", "session", "slot")
 
-    def __init__(self, session: Session, batch: AppendBatch | SettleBatch) -> None:
+    def __init__(self, session: Session) -> None:
         self.session = session
         self.slot: Slot = session.out.reserve()
-        self.batch = batch
         self.segments: list[tuple[AppendGroup | SettleGroup, int, int]] = []
         """(group, index of the first request in the group, how many), in order."""
         self.rids: list[JsonScalar] = []

@@ -166,7 +166,9 @@ class Router:
         self._claims: _ClaimBatch | None = None
         self._settles: SettleBatch | None = None
         self._run: ReplyRun | None = None
-        """The reply run the current request may join (see msg.core.batches)."""
+        """The reply run the current request may join (see msg.core.batches)..."""
+        self._run_batch: AppendBatch | SettleBatch | None = None
+        """...if the request goes to this batch."""
         self._to_dispatch: dict[str, QueueState] = {}
         self._to_commit: dict[int, DurableSub] = {}
         self._to_pump: dict[int, DurableSub] = {}
@@ -355,7 +357,7 @@ class Router:
         publishes = cast(list[Publish], requests[start:end])
         message_ids = self._ids.next_ids(end - start)
         batch = self._appends or self._new_append_batch(now)
-        run = ReplyRun(session, batch)
+        run = ReplyRun(session)
         batch.runs.append(run)
         segments = run.segments
         delivered = 0
@@ -400,6 +402,7 @@ class Router:
         rids = run.rids = [request.id for request in publishes]
         run.has_ids = rids.count(None) != len(rids)
         self._run = run
+        self._run_batch = batch
         self.counters.published += end - start
         self.counters.delivered += delivered
         return end
@@ -580,8 +583,9 @@ class Router:
             ids = group.message_ids
             ids.append(message_id)
             run = self._run
-            if run is None or run.batch is not batch:
-                run = self._run = ReplyRun(session, batch)
+            if run is None or self._run_batch is not batch:
+                run = self._run = ReplyRun(session)
+                self._run_batch = batch
                 batch.runs.append(run)
             run.add(group, len(ids) - 1, rid)
             return
