@@ -217,6 +217,17 @@ class ReplyRun:
                 return
         segments.append((group, index, 1))
 
+    def add_segment(self, group: AppendGroup | SettleGroup, first: int, count: int) -> None:
+        """Requests ``first`` to ``first + count`` of ``group``, all without an id."""
+        self.rids.extend([None] * count)
+        segments = self.segments
+        if segments:
+            last, start, length = segments[-1]
+            if last is group and start + length == first:
+                segments[-1] = (group, start, length + count)
+                return
+        segments.append((group, first, count))
+
     def replies(self) -> bytes:
         """Every reply of the run, in request order (once the groups are settled)."""
         rids = self.rids

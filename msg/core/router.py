@@ -39,6 +39,7 @@ closes that one connection.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
@@ -235,6 +236,9 @@ class Router:
             if kind is Publish:
                 # Publishes come in long runs: handled together, in one tight loop.
                 index = self._publish_many(session, requests, index, now)
+                continue
+            if kind is Ack:
+                index = self._ack_many(session, requests, index)
                 continue
             if kind is not Ack:
                 # Only consecutive publishes and acks share a reply run: any other reply
@@ -553,6 +557,69 @@ class Router:
     def _on_ack(self, session: Session, request: Ack, now: float) -> None:
         self._settle(session, request.message_id, Outcome.ACK, request.id)
 
+    def _ack_many(
+        self, session: Session, requests: Sequence[Request | RequestError], start: int
+    ) -> int:
+        """Handle the consecutive acks from ``requests[start]`` on; return where they end.
+
+        Consumers ack in long runs too. Plain acks (no request id) of one queue consumer
+        are gathered into one segment of the settle batch and the reply run, and the
+        consumer's counters are updated once per segment. Anything else goes through
+        :meth:`_settle` one at a time.
+        """
+        end = start + 1
+        count = len(requests)
+        while end < count and type(requests[end]) is Ack:
+            end += 1
+        outstanding = session.outstanding
+        holder: QueueConsumer | DurableSub | None
+        last: QueueConsumer | None = None
+        ids: list[str] = []
+        first = taken = 0
+        for request in cast(list[Ack], requests[start:end]):
+            message_id = request.message_id
+            holder = outstanding.pop(message_id, None)
+            if holder is None or holder is not last or request.id is not None:
+                if taken:
+                    self._acked_segment(session, last, first, taken)
+                    taken = 0
+                if holder is None or type(holder) is not QueueConsumer or request.id is not None:
+                    last = None
+                    if holder is not None:
+                        outstanding[message_id] = holder
+                    self._settle(session, message_id, Outcome.ACK, request.id)
+                    continue
+                last = holder
+                batch = self._settles or self._new_settle_batch()
+                group = batch.group(holder.queue.name, holder.consumer_id, Outcome.ACK)
+                ids = group.message_ids
+                first = len(ids)
+            ids.append(message_id)
+            taken += 1
+        if taken:
+            self._acked_segment(session, last, first, taken)
+        return end
+
+    def _acked_segment(
+        self, session: Session, consumer: QueueConsumer | None, first: int, taken: int
+    ) -> None:
+        """Book ``taken`` plain acks of ``consumer``, just added to its settle group."""
+        assert consumer is not None
+        batch = self._settles
+        assert batch is not None
+        group = batch.group(consumer.queue.name, consumer.consumer_id, Outcome.ACK)
+        run = self._run
+        if run is None or self._run_batch is not batch:
+            run = self._run = ReplyRun(session)
+            self._run_batch = batch
+            batch.runs.append(run)
+        run.add_segment(group, first, taken)
+        consumer.in_flight -= taken
+        queue = consumer.queue
+        queue.acked += taken
+        self.counters.acked += taken
+        self._to_dispatch[queue.name] = queue
+
     def _on_nack(self, session: Session, request: Nack, now: float) -> None:
         self.counters.nacked += 1
         outcome = Outcome.REQUEUE if request.requeue else Outcome.DEAD
@@ -638,26 +705,15 @@ class Router:
             consumer.reserved += credit
             self._claim(queue, consumer.ack, (consumer.consumer_id,) * credit)
             return
-        credits = [consumer.credit for consumer in consumers]
-        total = min(sum(c for c in credits if c > 0), _MAX_CLAIM_SLOTS)
-        if total <= 0:
-            return
-        count = len(consumers)
-        auto: list[str] = []
-        manual: list[str] = []
-        index = queue.next_consumer % count
-        while total:
-            if credits[index] > 0:
-                consumer = consumers[index]
-                credits[index] -= 1
-                consumer.reserved += 1
-                (auto if consumer.ack is AckMode.AUTO else manual).append(consumer.consumer_id)
-                total -= 1
-            index = (index + 1) % count
-        if auto:
-            self._claim(queue, AckMode.AUTO, tuple(auto))
-        if manual:
-            self._claim(queue, AckMode.MANUAL, tuple(manual))
+        start = queue.next_consumer % len(consumers)
+        ordered = consumers[start:] + consumers[:start]
+        for ack in (AckMode.AUTO, AckMode.MANUAL):
+            group = [c for c in ordered if c.ack is ack and c.credit > 0]
+            if group:
+                slots = _round_robin(group, _MAX_CLAIM_SLOTS)
+                for consumer_id, taken in Counter(slots).items():
+                    queue.by_id[consumer_id].reserved += taken
+                self._claim(queue, ack, slots)
 
     def _claim(self, queue: QueueState, ack: AckMode, slots: tuple[str, ...]) -> None:
         batch = self._claims or self._new_claim_batch()
@@ -677,26 +733,41 @@ class Router:
             batch.claims, batch.queues, results, strict=True
         ):
             by_id = queue.by_id
-            for consumer_id in claim.consumers:
+            for consumer_id, slots in Counter(claim.consumers).items():
                 consumer = by_id.get(consumer_id)
                 if consumer is not None:
-                    consumer.reserved -= 1
+                    consumer.reserved -= slots
+            # Deliveries come in runs for one consumer: look it up when it changes.
+            current = ""
+            consumer = None
             for delivery in deliveries:
-                consumer = by_id.get(delivery.consumer)
+                if delivery.consumer != current:
+                    current = delivery.consumer
+                    consumer = by_id.get(current)
+                    if consumer is not None:
+                        session = consumer.session
+                        out = session.out
+                        outstanding = session.outstanding
+                        prefix = consumer.prefix
+                        dirty[session.id] = session
                 if consumer is None:
                     # Its consumer left after the claim was made; the release that
                     # followed the claim has already made the message ready again.
                     continue
-                session = consumer.session
-                session.out.send(
-                    encode_delivery(
-                        consumer.prefix, delivery.payload, delivery.message_id, delivery.attempt
+                message_id = delivery.message_id
+                if delivery.attempt == 1:
+                    frame = b"".join(
+                        (prefix, delivery.payload, _ID_HEAD, message_id.encode(), _ID_TAIL)
                     )
-                )
-                dirty[session.id] = session
+                else:
+                    frame = encode_delivery(prefix, delivery.payload, message_id, delivery.attempt)
+                if out.held:
+                    out.held.append(frame)
+                else:
+                    out.ready.append(frame)
                 consumer.in_flight += 1
                 if not claim.auto_ack:
-                    session.outstanding[delivery.message_id] = consumer
+                    outstanding[message_id] = consumer
             if deliveries and len(queue.consumers) > 1:
                 # Round-robin resumes after the consumer that got the last message, not
                 # after the last slot offered (most slots of a claim go unfilled).
@@ -1151,6 +1222,23 @@ class Router:
             )
         )
         return batch
+
+
+def _round_robin(consumers: list[QueueConsumer], limit: int) -> tuple[str, ...]:
+    """Claim slots in round-robin order: one per consumer per round, while it has credit.
+
+    Built round by round with list repetition rather than slot by slot: with equal
+    credits it is ``ids * credit``, and in general one repetition per distinct credit.
+    """
+    slots: list[str] = []
+    level = 0
+    for threshold in sorted({c.credit for c in consumers}):
+        ids = [c.consumer_id for c in consumers if c.credit >= threshold]
+        slots.extend(ids * (threshold - level))
+        level = threshold
+        if len(slots) >= limit:
+            break
+    return tuple(slots[:limit])
 
 
 def _log_failure(name: str) -> Callable[[BaseException], None]:
