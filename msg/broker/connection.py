@@ -63,7 +63,7 @@ class Connection(asyncio.Protocol):
             return
         server = self.server
         try:
-            requests = self.reader.feed(data)
+            requests = self.reader.feed_batches(data)
             if requests:
                 server.router.handle(self.id, requests, time.time())
         except Exception:

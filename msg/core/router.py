@@ -91,12 +91,14 @@ from msg.protocol.codes import ErrorCode
 from msg.protocol.frames import (
     Ack,
     AckMode,
+    Acks,
+    Batch,
     JsonScalar,
     Mode,
     Nack,
     Ping,
     Publish,
-    Request,
+    Publishes,
     RequestError,
     Status,
     Subscribe,
@@ -220,10 +222,14 @@ class Router:
         session.subs.clear()
         session.outstanding.clear()
 
-    def handle(
-        self, session_id: int, requests: Sequence[Request | RequestError], now: float
-    ) -> None:
-        """Act on every request one read of ``session_id`` produced, in order."""
+    def handle(self, session_id: int, requests: Sequence[Batch], now: float) -> None:
+        """Act on every request one read of ``session_id`` produced, in order.
+
+        ``requests`` is what :meth:`RequestReader.feed_batches` returns: runs of
+        publishes and acks come as :class:`Publishes` and :class:`Acks` batches. Single
+        :class:`Publish` and :class:`Ack` frames are accepted too, and gathered into
+        batches here, so both take the same path.
+        """
         session = self._sessions[session_id]
         self._now_hint = now
         handlers = _HANDLERS
@@ -233,18 +239,26 @@ class Router:
         while index < count:
             request = requests[index]
             kind = type(request)
-            if kind is Publish:
-                # Publishes come in long runs: handled together, in one tight loop.
-                index = self._publish_many(session, requests, index, now)
+            if kind is Publishes:
+                self._publish_batch(session, cast(Publishes, request), now)
+            elif kind is Acks:
+                self._ack_batch(session, cast(Acks, request))
+            elif kind is Publish or kind is Ack:
+                end = index + 1
+                while end < count and type(requests[end]) is kind:
+                    end += 1
+                frames = requests[index:end]
+                if kind is Publish:
+                    self._publish_batch(session, _gather_publishes(frames), now)
+                else:
+                    self._ack_batch(session, _gather_acks(frames))
+                index = end
                 continue
-            if kind is Ack:
-                index = self._ack_many(session, requests, index)
-                continue
-            if kind is not Ack:
+            else:
                 # Only consecutive publishes and acks share a reply run: any other reply
                 # must come after the run's replies.
                 self._run = None
-            handlers[kind](self, session, request, now)
+                handlers[kind](self, session, request, now)
             index += 1
         self._run = None
         self._dirty[session_id] = session
@@ -334,20 +348,14 @@ class Router:
         else:
             session.out.send(encode_reply({"type": "pong", "id": request.id}))
 
-    def _publish_many(
-        self, session: Session, requests: Sequence[Request | RequestError], start: int, now: float
-    ) -> int:
-        """Handle the consecutive publishes from ``requests[start]`` on; return where they end.
+    def _publish_batch(self, session: Session, publishes: Publishes, now: float) -> None:
+        """Handle a run of publishes from one read.
 
         This is the broker's hottest loop, so it hoists every lookup it can out of the
         per-message path: ids are made for the whole run at once, and the destination
         (its state, its append group, its live subscribers) is looked up again only when
         it changes from one message to the next.
         """
-        end = start + 1
-        count = len(requests)
-        while end < count and type(requests[end]) is Publish:
-            end += 1
         if self.stopping or self.read_only is not None:
             self._run = None
             if self.stopping:
@@ -355,40 +363,41 @@ class Router:
             else:
                 assert self.read_only is not None
                 code, text = ErrorCode(self.read_only.value), STORE_TEXT[self.read_only]
-            for request in requests[start:end]:
-                self._reject(session, code, text, request.id)
-            return end
-        publishes = cast(list[Publish], requests[start:end])
-        message_ids = self._ids.next_ids(end - start)
+            for rid in publishes.ids:
+                self._reject(session, code, text, rid)
+            return
+        topics = publishes.topics
+        modes = publishes.modes
+        payloads = publishes.payloads
+        message_ids = self._ids.next_ids(len(topics))
         batch = self._appends or self._new_append_batch(now)
         run = ReplyRun(session)
         batch.runs.append(run)
         segments = run.segments
         delivered = 0
         # A segment is a stretch of consecutive messages for one destination.
-        request = publishes[0]
-        name = request.topic
-        mode = request.mode
+        name = topics[0]
+        mode = modes[0]
         state, group, outs, prefix = self._destination(batch, name, mode)
         group_ids = group.message_ids
         group_payloads = group.payloads
         first = len(group_ids)
         count = 0
-        for number, request in enumerate(publishes):
-            if request.topic != name or request.mode is not mode:
+        for topic, topic_mode, message_id, payload in zip(
+            topics, modes, message_ids, payloads, strict=True
+        ):
+            if topic != name or topic_mode is not mode:
                 segments.append((group, first, count))
                 state.published += count
                 state.delivered += count * len(outs)
                 delivered += count * len(outs)
-                name = request.topic
-                mode = request.mode
+                name = topic
+                mode = topic_mode
                 state, group, outs, prefix = self._destination(batch, name, mode)
                 group_ids = group.message_ids
                 group_payloads = group.payloads
                 first = len(group_ids)
                 count = 0
-            message_id = message_ids[number]
-            payload = request.payload
             if outs:
                 frame = b"".join((prefix, payload, _ID_HEAD, message_id.encode(), _ID_TAIL))
                 for out in outs:
@@ -403,13 +412,12 @@ class Router:
         state.published += count
         state.delivered += count * len(outs)
         delivered += count * len(outs)
-        rids = run.rids = [request.id for request in publishes]
+        rids = run.rids = publishes.ids
         run.has_ids = rids.count(None) != len(rids)
         self._run = run
         self._run_batch = batch
-        self.counters.published += end - start
+        self.counters.published += len(topics)
         self.counters.delivered += delivered
-        return end
 
     def _destination(
         self, batch: AppendBatch, name: str, mode: Mode
@@ -557,37 +565,30 @@ class Router:
     def _on_ack(self, session: Session, request: Ack, now: float) -> None:
         self._settle(session, request.message_id, Outcome.ACK, request.id)
 
-    def _ack_many(
-        self, session: Session, requests: Sequence[Request | RequestError], start: int
-    ) -> int:
-        """Handle the consecutive acks from ``requests[start]`` on; return where they end.
+    def _ack_batch(self, session: Session, acks: Acks) -> None:
+        """Handle a run of acks from one read.
 
         Consumers ack in long runs too. Plain acks (no request id) of one queue consumer
         are gathered into one segment of the settle batch and the reply run, and the
         consumer's counters are updated once per segment. Anything else goes through
         :meth:`_settle` one at a time.
         """
-        end = start + 1
-        count = len(requests)
-        while end < count and type(requests[end]) is Ack:
-            end += 1
         outstanding = session.outstanding
         holder: QueueConsumer | DurableSub | None
         last: QueueConsumer | None = None
         ids: list[str] = []
         first = taken = 0
-        for request in cast(list[Ack], requests[start:end]):
-            message_id = request.message_id
+        for message_id, rid in zip(acks.message_ids, acks.ids, strict=True):
             holder = outstanding.pop(message_id, None)
-            if holder is None or holder is not last or request.id is not None:
+            if holder is None or holder is not last or rid is not None:
                 if taken:
                     self._acked_segment(session, last, first, taken)
                     taken = 0
-                if holder is None or type(holder) is not QueueConsumer or request.id is not None:
+                if holder is None or type(holder) is not QueueConsumer or rid is not None:
                     last = None
                     if holder is not None:
                         outstanding[message_id] = holder
-                    self._settle(session, message_id, Outcome.ACK, request.id)
+                    self._settle(session, message_id, Outcome.ACK, rid)
                     continue
                 last = holder
                 batch = self._settles or self._new_settle_batch()
@@ -598,7 +599,6 @@ class Router:
             taken += 1
         if taken:
             self._acked_segment(session, last, first, taken)
-        return end
 
     def _acked_segment(
         self, session: Session, consumer: QueueConsumer | None, first: int, taken: int
@@ -1222,6 +1222,23 @@ class Router:
             )
         )
         return batch
+
+
+def _gather_publishes(frames: Sequence[Batch]) -> Publishes:
+    """Single publish frames as one batch."""
+    publishes = cast(Sequence[Publish], frames)
+    return Publishes(
+        [p.topic for p in publishes],
+        [p.payload for p in publishes],
+        [p.mode for p in publishes],
+        [p.id for p in publishes],
+    )
+
+
+def _gather_acks(frames: Sequence[Batch]) -> Acks:
+    """Single ack frames as one batch."""
+    acks = cast(Sequence[Ack], frames)
+    return Acks([a.message_id for a in acks], [a.id for a in acks])
 
 
 def _round_robin(consumers: list[QueueConsumer], limit: int) -> tuple[str, ...]:

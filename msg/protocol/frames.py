@@ -15,6 +15,7 @@ Replies (broker to client) are plain JSON objects whose ``type`` is one of
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -26,11 +27,14 @@ __all__ = [
     "MAX_PREFETCH",
     "Ack",
     "AckMode",
+    "Acks",
+    "Batch",
     "JsonScalar",
     "Mode",
     "Nack",
     "Ping",
     "Publish",
+    "Publishes",
     "ReplyType",
     "Request",
     "RequestError",
@@ -153,3 +157,47 @@ class RequestError:
 
 
 Request = Publish | Subscribe | Unsubscribe | Ack | Nack | Ping | Status
+
+
+@dataclass(slots=True)
+class Publishes:
+    """Consecutive publishes of one read, as parallel lists: one entry per publish.
+
+    Publishes arrive in long runs, one per message, and are the broker's hottest path.
+    :meth:`msg.protocol.codec.RequestReader.feed_batches` returns each run as one of
+    these instead of a :class:`Publish` per message, so neither the codec nor the
+    router builds an object per message. Iterating yields the equivalent frames.
+    """
+
+    topics: list[str]
+    payloads: list[bytes]
+    modes: list[Mode]
+    ids: list[JsonScalar]
+
+    def __len__(self) -> int:
+        return len(self.topics)
+
+    def __iter__(self) -> Iterator[Publish]:
+        for topic, payload, mode, rid in zip(
+            self.topics, self.payloads, self.modes, self.ids, strict=True
+        ):
+            yield Publish(topic, payload, mode, rid)
+
+
+@dataclass(slots=True)
+class Acks:
+    """Consecutive acks of one read, as parallel lists (see :class:`Publishes`)."""
+
+    message_ids: list[str]
+    ids: list[JsonScalar]
+
+    def __len__(self) -> int:
+        return len(self.message_ids)
+
+    def __iter__(self) -> Iterator[Ack]:
+        for message_id, rid in zip(self.message_ids, self.ids, strict=True):
+            yield Ack(message_id, rid)
+
+
+Batch = Request | RequestError | Publishes | Acks
+"""What :meth:`msg.protocol.codec.RequestReader.feed_batches` returns a list of."""
