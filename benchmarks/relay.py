@@ -26,9 +26,10 @@ Per read chunk it processes every complete line in one pass (each line is decode
 with ``loads``, the message re-encoded with ``dumps``, as any broker that validates
 its input must) and writes once per chunk per connection: one write of all the acks
 to the publisher, one write of all the deliveries to each subscriber. It uses orjson
-and uvloop when they are installed. There is no storage, no flow control, no
-validation beyond what decoding does, and no queue mode: it is a ceiling, not a
-broker.
+and uvloop when they are installed, unless ``MSG_PURE_JSON=1`` / ``MSG_LOOP=asyncio``
+are set (as for msg), which makes it the ceiling for msg without the fast extra.
+There is no storage, no flow control, no validation beyond what decoding does, and no
+queue mode: it is a ceiling, not a broker.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import asyncio
 import itertools
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -47,7 +49,10 @@ log = logging.getLogger("relay")
 
 loads: Callable[[bytes], Any]
 dumps: Callable[[Any], bytes]
+_PURE = os.environ.get("MSG_PURE_JSON", "") not in ("", "0")
 try:
+    if _PURE:
+        raise ImportError("MSG_PURE_JSON is set")
     import orjson
 
     loads = orjson.loads
@@ -185,6 +190,8 @@ def main() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
     )
     try:
+        if os.environ.get("MSG_LOOP", "").lower() == "asyncio":
+            raise ImportError("MSG_LOOP=asyncio")
         import uvloop
     except ImportError:  # pragma: no cover - depends on the environment
         asyncio.run(serve(options.host, options.port))

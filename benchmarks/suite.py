@@ -1,0 +1,956 @@
+"""msg's benchmark suite: one command, every workload, every reachable peer.
+
+    python -m benchmarks.suite                 # everything (~10 min): tables, JSON, charts
+    python -m benchmarks.suite --quick         # < 1 min: A and C, msg vs the ceiling relay
+    python -m benchmarks.suite --fsync never   # msg without waiting for the disk (not E)
+
+See docs/benchmarks.md for what is measured and how to read it.
+
+Method
+------
+- Every measurement starts a fresh broker (:mod:`benchmarks.servers`) pinned to one
+  CPU, and one load-generator process (:mod:`benchmarks.loadgen`) pinned to another,
+  then stops both. Both processes' CPU over the timed window is recorded: a generator
+  near 100% of its core means the figure is client-bound (flagged in the report).
+- The same workloads run against msg (with and without the ``fast`` extra), the
+  reference relay (the CPython ceiling) and every peer that can be had: Redis, NATS,
+  Mosquitto, RabbitMQ and amqtt, each spoken to in its own protocol by a raw-socket
+  driver (:mod:`benchmarks.peers`). A peer that cannot be started or reached is
+  skipped with the reason.
+- Every workload is bounded in count (pre-encoded messages) and time (publishing
+  stops after ``duration`` seconds; the generator and the broker are killed past a
+  hard timeout). Loss and duplicates are counted in every run from the sequence
+  numbers in the payloads.
+- Ratios (msg / peer) are computed from the same run of the suite, minutes apart on
+  the same machine; they are steadier than absolute figures on a shared VM.
+
+Workloads: A pub/sub 1->1 (deliveries/s); B fan-out 1->10 (deliveries/s); C queue
+1 -> 4 consumers with manual acks (confirmed acks/s); D latency at 1,000 msgs/s
+(p50/p99/p99.9); E = C on durable storage (msg ``--fsync always``, Redis AOF
+``appendfsync always``, JetStream file storage, RabbitMQ durable queue with
+persistent messages and publisher confirms). Scaling curves (msg): subscribers,
+payload size, topics, backlog depth, idle connections vs RSS.
+
+Exit status: 0 if every msg run completed without loss, duplicates or errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from benchmarks import servers
+from benchmarks.servers import REPO_ROOT, UnavailableError
+
+RESULTS_DIR: Final = REPO_ROOT / "benchmarks" / "results"
+GRACE: Final = 30.0
+"""Seconds a generator may outlive its own timeout (pre-encoding, checking)."""
+MAX_FRAMES: Final = 3_000_000
+BUSY_PERCENT: Final = 20.0
+"""Other processes' CPU on the broker's core (% of it) above which a run is disturbed."""
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    label: str
+    server: str
+    driver: str
+    max_rate: int
+    """Upper bound on msgs/s, to size the pre-encoded publishes (duration x this)."""
+    pure: bool = False
+
+    @property
+    def is_msg(self) -> bool:
+        return self.server == "msg"
+
+
+TARGETS: Final = {
+    t.key: t
+    for t in (
+        Target("msg", "msg", "msg", "msg", 500_000),
+        Target("msg-pure", "msg, no fast extra", "msg", "msg", 300_000, pure=True),
+        Target("relay", "ceiling relay", "relay", "relay", 800_000),
+        Target("relay-pure", "ceiling relay, stdlib", "relay", "relay", 400_000, pure=True),
+        Target("redis", "Redis", "redis", "redis", 1_000_000),
+        Target("nats", "NATS", "nats", "nats", 1_200_000),
+        Target("mosquitto", "Mosquitto", "mosquitto", "mqtt", 300_000),
+        Target("rabbitmq", "RabbitMQ", "rabbitmq", "amqp", 150_000),
+        Target("amqtt", "amqtt", "amqtt", "mqtt", 30_000),
+    )
+}
+PEERS: Final = ("redis", "nats", "mosquitto", "rabbitmq", "amqtt")
+
+WORKLOAD_LABELS: Final = {
+    "A": "A pub/sub 1->1",
+    "B": "B fan-out 1->10",
+    "C": "C queue 1->4, acks",
+    "D": "D latency @1k/s",
+    "E": "E durable queue, acks",
+}
+SCALING_LABELS: Final = {
+    "subscribers": "fan-out deliveries/s vs subscribers",
+    "payload": "pub/sub 1->1 vs payload bytes",
+    "topics": "pub/sub 1->1 vs topics",
+    "backlog": "queue drain vs backlog depth",
+    "idle": "broker RSS vs idle connections",
+}
+
+
+@dataclass
+class Job:
+    workload: str
+    target: Target
+    args: list[str]
+    timeout: float
+    fsync: str = "always"
+    durable: bool = False
+    point: int | None = None
+    repetition: int = 0
+
+
+@dataclass
+class Run:
+    job: Job
+    result: dict[str, Any]
+    server: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        res = self.result
+        return (
+            res.get("status") == "ok"
+            and not res.get("lost")
+            and not res.get("duplicated")
+            and not res.get("publish_errors")
+            and not res.get("receive_errors")
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        job = self.job
+        return {
+            **self.result,
+            "generator_workload": self.result.get("workload"),
+            "workload": job.workload,
+            "target": job.target.key,
+            "point": job.point,
+            "repetition": job.repetition,
+            "fsync": job.fsync if job.target.is_msg else None,
+            "durable": job.durable,
+            "args": job.args,
+            "server": self.server,
+            "ok": self.ok,
+        }
+
+
+# ----------------------------------------------------------------------
+# Planning
+
+
+def frames(target: Target, seconds: float, share: float = 1.0) -> int:
+    return max(1_000, min(MAX_FRAMES, int(target.max_rate * seconds * share)))
+
+
+def plan(options: argparse.Namespace) -> list[Job]:
+    """Every measurement of this run, in order."""
+    duration = 2.0 if options.quick else options.duration
+    timeout = duration + 30.0
+    targets = [TARGETS[k] for k in options.targets]
+    wanted = options.workloads
+    common = f"--duration {duration} --payload {options.payload}"
+    queue = "--workload queue --consumers 4 --prefetch 256"
+    jobs: list[Job] = []
+
+    def add(workload: str, target: Target, args: str, durable: bool = False) -> None:
+        fsync = "always" if durable else options.fsync
+        limit = options.latency_seconds + 30.0 if workload == "D" else timeout
+        jobs.append(Job(workload, target, args.split(), limit, fsync, durable))
+
+    for repetition in range(options.repeat):
+        first = len(jobs)
+
+        for target in targets:
+            if "A" in wanted:
+                n = frames(target, duration)
+                add("A", target, f"--workload pubsub --messages {n} {common}")
+        for target in targets:
+            if "B" in wanted and not target.key.startswith("relay-"):
+                n = frames(target, duration, 0.3)
+                add("B", target, f"--workload pubsub --subscribers 10 --messages {n} {common}")
+        for target in targets:
+            if target.server == "relay" or target.driver == "mqtt":
+                continue  # no work queues
+            n = frames(target, duration, 0.5)
+            if "C" in wanted:
+                add("C", target, f"{queue} --messages {n} {common}")
+            if "E" in wanted:
+                add("E", target, f"{queue} --durable --messages {n} {common}", durable=True)
+        for target in targets:
+            if "D" in wanted and not target.key.startswith("relay-"):
+                seconds = options.latency_seconds
+                add(
+                    "D",
+                    target,
+                    f"--workload latency --rate 1000 --duration {seconds} "
+                    f"--payload {options.payload}",
+                )
+        for job in jobs[first:]:
+            job.repetition = repetition
+    if options.scaling and not options.quick:
+        jobs += plan_scaling(options)
+    return jobs
+
+
+def plan_scaling(options: argparse.Namespace) -> list[Job]:
+    """The scaling curves: short points, msg only (and the relay for payload sizes)."""
+    fsync = options.fsync
+    msg = TARGETS["msg"]
+    wanted = options.scaling_curves
+    jobs: list[Job] = []
+
+    def add(curve: str, target: Target, point: int, args: str, timeout: float = 60.0) -> None:
+        jobs.append(Job(curve, target, args.split(), timeout, fsync, point=point))
+
+    if "subscribers" in wanted:
+        for subs in (1, 10, 100, 1000):
+            n = max(300, 300_000 // subs)
+            add(
+                "subscribers",
+                msg,
+                subs,
+                f"--workload pubsub --subscribers {subs} "
+                f"--messages {n} --duration 2 --window-bytes {1 << 20}",
+            )
+    if "payload" in wanted:
+        for target in (msg, TARGETS["relay"]):
+            for size in (16, 256, 4096, 65536):
+                n = min(frames(target, 2.0), (256 << 20) // size)
+                add(
+                    "payload",
+                    target,
+                    size,
+                    f"--workload pubsub --messages {n} --duration 2 "
+                    f"--payload {size} --window-bytes {32 << 20}",
+                )
+    if "topics" in wanted:
+        for topics in (1, 100, 10_000, 100_000):
+            n = max(100_000, topics)
+            add(
+                "topics",
+                msg,
+                topics,
+                f"--workload pubsub --topics {topics} --messages {n} --duration 2",
+                timeout=120.0,
+            )
+    if "backlog" in wanted:
+        for depth in (1_000, 10_000, 100_000):
+            add(
+                "backlog",
+                msg,
+                depth,
+                f"--workload backlog --messages {depth} --consumers 4",
+                timeout=120.0,
+            )
+    if "idle" in wanted:
+        for target in (msg, TARGETS["msg-pure"]):
+            add("idle", target, 10_000, "--workload idle --levels 1000,5000,10000", 180.0)
+    return jobs
+
+
+# ----------------------------------------------------------------------
+# Running
+
+
+def choose_cpus(enabled: bool) -> tuple[set[int] | None, set[int] | None, str]:
+    if not enabled:
+        return None, None, "not pinned (--no-pin)"
+    if not hasattr(os, "sched_getaffinity"):
+        return None, None, "not pinned (no sched_setaffinity here)"
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        return None, None, f"not pinned (only CPU {allowed} available)"
+    return (
+        {allowed[0]},
+        {allowed[1]},
+        f"broker pinned to CPU {allowed[0]}, generator to CPU {allowed[1]} ({os.cpu_count()} CPUs)",
+    )
+
+
+def msg_source(tree: Path | None) -> str:
+    """Which msg is measured: the repo's commit (and whether msg/ has local changes)."""
+    if tree is not None:
+        return f"tree {tree}"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "msg"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "this repository"
+    return commit + (" + uncommitted changes in msg/" if dirty else "")
+
+
+def rabbitmq_version() -> str:
+    from benchmarks.peers.amqp import AmqpDriver
+
+    try:
+        return AmqpDriver("127.0.0.1", servers.SHARED_PORTS["rabbitmq"], "v").version()
+    except (OSError, ConnectionError):
+        return ""
+
+
+def machine_load(cpus: set[int] | None, seconds: float = 0.5) -> float | None:
+    """% of one core that processes used on ``cpus`` (all if None) over ``seconds``,
+    while the suite itself is idle."""
+    from benchmarks.loadgen import system_busy_seconds
+
+    which = frozenset(cpus) if cpus is not None else None
+    before = system_busy_seconds(which)
+    time.sleep(seconds)
+    after = system_busy_seconds(which)
+    if before is None or after is None:
+        return None
+    return 100 * (after - before) / seconds
+
+
+def wait_quiet(cpus: set[int] | None, limit: float) -> float | None:
+    """Wait up to ``limit`` seconds for other load on ``cpus`` to drop below BUSY_PERCENT."""
+    deadline = time.monotonic() + limit
+    load = machine_load(cpus)
+    while load is not None and load > BUSY_PERCENT and time.monotonic() < deadline:
+        load = machine_load(cpus, 1.0)
+    return load
+
+
+def run_job(
+    job: Job,
+    options: argparse.Namespace,
+    cpus: tuple[set[int] | None, set[int] | None],
+    data_root: Path,
+) -> Run:
+    target = job.target
+    load = wait_quiet(cpus[0], options.quiet_wait) if options.quiet_wait > 0 else None
+    try:
+        server = servers.start(
+            target.server,
+            cpus[0],
+            fsync=job.fsync,
+            pure=target.pure,
+            durable=job.durable,
+            msg_tree=options.msg_tree,
+            data_root=data_root,
+        )
+    except UnavailableError as exc:
+        return Run(job, {"status": "skipped", "error": str(exc)})
+    info: dict[str, Any] = {"banner": server.banner, "note": server.note, "pid": server.pid}
+    info["load_before_percent"] = None if load is None else round(load, 1)
+    try:
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.loadgen",
+            "--driver",
+            target.driver,
+            "--port",
+            str(server.port),
+            "--timeout",
+            str(job.timeout),
+            *job.args,
+        ]
+        if server.pid:
+            command += ["--broker-pid", str(server.pid)]
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+            env=env,
+        )
+        servers.pin(process.pid, cpus[1])
+        try:
+            out, err = process.communicate(timeout=job.timeout + GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            result: dict[str, Any] = {"status": "hung", "error": "generator killed"}
+        else:
+            try:
+                result = json.loads(out.strip().splitlines()[-1])
+            except (IndexError, ValueError):
+                result = {"status": "error", "error": f"no result; stderr: {err[-600:]}"}
+        if not server.alive() and result.get("status") == "ok":
+            result["status"] = "server-died"
+    finally:
+        info["exit"] = server.stop()
+        info["problems"] = server.problems()[:20]
+    return Run(job, result, info)
+
+
+def describe(run: Run) -> str:
+    res = run.result
+    job = run.job
+    point = f"[{job.point}]" if job.point is not None else ""
+    tag = f"{job.workload}{point} {job.target.key}"
+    status = res.get("status")
+    if status == "skipped":
+        return f"  {tag:<28} skipped: {res.get('error')}"
+    if job.workload == "D":
+        lat = res.get("latency") or {}
+        figure = f"p50 {lat.get('p50_us')} us  p99 {lat.get('p99_us')} us"
+    elif job.workload == "backlog":
+        figure = f"publish {_n(res.get('publish_rate'))}/s drain {_n(res.get('drain_rate'))}/s"
+    elif job.workload == "idle":
+        points = res.get("points") or []
+        figure = ", ".join(f"{p['connections']}: {_mib(p.get('rss_kib'))}" for p in points)
+    else:
+        figure = (
+            f"{_n(res.get('rate')):>10}/s  broker {_pct(res.get('broker_cpu_percent'))} "
+            f"gen {_pct(res.get('generator_cpu_percent'))}"
+        )
+    if res.get("other_cpu_percent") is not None:
+        figure += f" other {_pct(res.get('other_cpu_percent'))}"
+    extra = ""
+    if res.get("lost") or res.get("duplicated"):
+        extra += f"  LOST {res.get('lost')} DUP {res.get('duplicated')}"
+    if res.get("error") or res.get("first_error"):
+        extra += f"  ({res.get('error') or res.get('first_error')})"
+    return f"  {tag:<28} {figure}  {status}{extra}"
+
+
+# ----------------------------------------------------------------------
+# Summaries
+
+
+def _n(value: Any) -> str:
+    return "-" if value is None else f"{float(value):,.0f}"
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.0f}%"
+
+
+def _mib(kib: Any) -> str:
+    return "-" if kib is None else f"{kib / 1024:.0f} MiB"
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarise(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
+    """workload -> target -> median figures over repetitions (A-E only)."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for workload in WORKLOAD_LABELS:
+        for key in TARGETS:
+            mine = [r for r in runs if r.job.workload == workload and r.job.target.key == key]
+            if not mine:
+                continue
+            res = [r.result for r in mine]
+            cell: dict[str, Any] = {
+                "status": "ok"
+                if all(r.ok for r in mine)
+                else ",".join(sorted({str(x.get("status")) for x in res})),
+                "runs": len(mine),
+                "lost": sum(int(x.get("lost") or 0) for x in res),
+                "duplicated": sum(int(x.get("duplicated") or 0) for x in res),
+                "errors": sum(
+                    int(x.get("publish_errors") or 0) + int(x.get("receive_errors") or 0)
+                    for x in res
+                ),
+                "note": next((x.get("error") for x in res if x.get("error")), None),
+            }
+            if workload == "D":
+                for q in ("p50_us", "p99_us", "p999_us", "max_us"):
+                    cell[q] = _median([(x.get("latency") or {}).get(q) for x in res])
+                cell["cdf_us"] = (res[0].get("latency") or {}).get("cdf_us")
+            else:
+                ok_rates = [x.get("rate") for r, x in zip(mine, res, strict=True) if r.ok]
+                cell["rate"] = _median(ok_rates)
+                cell["rate_any"] = _median([x.get("rate") for x in res])
+                cell["broker_cpu"] = _median([x.get("broker_cpu_percent") for x in res])
+                cell["generator_cpu"] = _median([x.get("generator_cpu_percent") for x in res])
+            table.setdefault(workload, {})[key] = cell
+    return table
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def check_targets(
+    summary: dict[str, dict[str, dict[str, Any]]], runs: list[Run]
+) -> list[dict[str, Any]]:
+    """The product targets, measured against this run's figures."""
+
+    def rate(workload: str, key: str) -> float | None:
+        value = summary.get(workload, {}).get(key, {}).get("rate")
+        return float(value) if value is not None else None
+
+    checks: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, goal: float, text: str, higher: bool = True) -> None:
+        met = None if value is None else (value >= goal if higher else value <= goal)
+        checks.append({"target": name, "measured": value, "goal": goal, "text": text, "met": met})
+
+    add(
+        "A >= 60% of the ceiling relay",
+        ratio(rate("A", "msg"), rate("A", "relay")),
+        0.6,
+        "msg A / relay A",
+    )
+    add("A >= 20x amqtt", ratio(rate("A", "msg"), rate("A", "amqtt")), 20.0, "msg A / amqtt A")
+    add(
+        "B ahead of Mosquitto",
+        ratio(rate("B", "msg"), rate("B", "mosquitto")),
+        1.0,
+        "msg B / Mosquitto B",
+    )
+    add(
+        "E >= Redis appendfsync always",
+        ratio(rate("E", "msg"), rate("E", "redis")),
+        1.0,
+        "msg E / Redis E",
+    )
+    p99 = summary.get("D", {})
+    add(
+        "D p99 <= NATS p99",
+        ratio(p99.get("msg", {}).get("p99_us"), p99.get("nats", {}).get("p99_us")),
+        1.0,
+        "msg p99 / NATS p99",
+        higher=False,
+    )
+    idle = [r for r in runs if r.job.workload == "idle" and r.job.target.key == "msg"]
+    rss = None
+    for run in idle:
+        for point in run.result.get("points") or []:
+            if point.get("connections") == 10_000 and point.get("rss_kib"):
+                rss = point["rss_kib"] / 1024
+    add("10,000 idle connections: RSS <= 250 MB", rss, 250 * 1e6 / 2**20, "MiB", higher=False)
+    for workload in ("A", "B", "C", "E"):
+        add(
+            f"{workload} without fast extra >= 50% of with",
+            ratio(rate(workload, "msg-pure"), rate(workload, "msg")),
+            0.5,
+            f"msg-pure {workload} / msg {workload}",
+        )
+    return checks
+
+
+# ----------------------------------------------------------------------
+# Report
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """The results as markdown tables (the same tables go into docs/benchmarks.md)."""
+    summary: dict[str, dict[str, dict[str, Any]]] = document["summary"]
+    keys = [k for k in TARGETS if any(k in summary.get(w, {}) for w in WORKLOAD_LABELS)]
+    lines = [
+        f"Run {document['started']} ({document['mode']}); {document['pinning']}.",
+        "",
+        "**Throughput** (msgs/s; B counts deliveries/s; C and E count acks/s) and "
+        "**latency** at 1,000 msgs/s (microseconds)",
+        "",
+        "| target | A pub/sub 1->1 | B fan-out 1->10 | C queue, acks | E durable queue | "
+        "D p50 | D p99 | D p99.9 |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for key in keys:
+        cells = []
+        for workload in ("A", "B", "C", "E"):
+            cells.append(cell_text(summary.get(workload, {}).get(key)))
+        lat = summary.get("D", {}).get(key)
+        for q in ("p50_us", "p99_us", "p999_us"):
+            cells.append(
+                _n(lat.get(q))
+                if lat and lat.get(q) is not None
+                else (lat.get("status", "-") if lat else "")
+            )
+        lines.append(f"| {TARGETS[key].label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "**msg compared with each peer, same run** (msg / peer for throughput: above 1 "
+        "means msg is faster; for D, msg p99 / peer p99: below 1 means msg is better)",
+        "",
+        "| msg vs | A | B | C | E | D p99 |",
+        "|---|--:|--:|--:|--:|--:|",
+    ]
+    for key in keys:
+        if key == "msg":
+            continue
+        row = []
+        for workload in ("A", "B", "C", "E"):
+            mine = summary.get(workload, {}).get("msg", {}).get("rate")
+            theirs = summary.get(workload, {}).get(key, {}).get("rate")
+            value = ratio(mine, theirs)
+            row.append("-" if value is None else f"{value:.2f}")
+        mine_p99 = summary.get("D", {}).get("msg", {}).get("p99_us")
+        theirs_p99 = summary.get("D", {}).get(key, {}).get("p99_us")
+        value = ratio(mine_p99, theirs_p99)
+        row.append("-" if value is None else f"{value:.2f}")
+        lines.append(f"| {TARGETS[key].label} | " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "**CPU over the timed window** (broker / generator, % of one core)",
+        "",
+        "| target | A | B | C | E |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for key in keys:
+        row = []
+        for workload in ("A", "B", "C", "E"):
+            c = summary.get(workload, {}).get(key)
+            row.append(f"{_pct(c.get('broker_cpu'))} / {_pct(c.get('generator_cpu'))}" if c else "")
+        lines.append(f"| {TARGETS[key].label} | " + " | ".join(row) + " |")
+    lines += ["", "**Targets**", "", "| target | measured | goal | met |", "|---|--:|--:|:-:|"]
+    for check in document["targets"]:
+        value = check["measured"]
+        shown = "-" if value is None else f"{value:.2f}"
+        met = {True: "yes", False: "**no**", None: "n/a"}[check["met"]]
+        lines.append(
+            f"| {check['target']} | {shown} ({check['text']}) | {check['goal']:.2f} | {met} |"
+        )
+    scaling = scaling_tables(document["runs"])
+    if scaling:
+        lines += ["", "**Scaling (msg)**", "", *scaling]
+    notes = document.get("notes") or []
+    if notes:
+        lines += ["", "**Notes**", ""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def cell_text(cell: dict[str, Any] | None) -> str:
+    if not cell:
+        return ""
+    if cell.get("status") == "skipped":
+        return "skipped"
+    rate = cell.get("rate") if cell.get("rate") is not None else cell.get("rate_any")
+    text = _n(rate)
+    if cell.get("status") != "ok":
+        text += f" ({cell.get('status')}"
+        if cell.get("lost") or cell.get("duplicated"):
+            text += f", lost {cell.get('lost')}, dup {cell.get('duplicated')}"
+        text += ")"
+    if (cell.get("generator_cpu") or 0) > 85:
+        text += " !"
+    return text
+
+
+def scaling_tables(runs: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for curve, label in SCALING_LABELS.items():
+        mine = [r for r in runs if r["workload"] == curve]
+        if not mine:
+            continue
+        lines += [f"*{label}*", ""]
+        if curve == "idle":
+            lines += ["| target | connections | broker RSS |", "|---|--:|--:|"]
+            for run in mine:
+                for point in run.get("points") or []:
+                    lines.append(
+                        f"| {TARGETS[run['target']].label} | {point['connections']:,} | "
+                        f"{_mib(point.get('rss_kib'))} |"
+                    )
+            if any(r.get("error") for r in mine):
+                lines.append(
+                    f"| error | {next(r.get('error') for r in mine if r.get('error'))} | |"
+                )
+        elif curve == "backlog":
+            lines += ["| depth | publish msgs/s | drain msgs/s | status |", "|--:|--:|--:|---|"]
+            for run in mine:
+                lines.append(
+                    f"| {run['point']:,} | {_n(run.get('publish_rate'))} | "
+                    f"{_n(run.get('drain_rate'))} | {run.get('status')} |"
+                )
+        else:
+            extra = {"payload": " | MB/s", "topics": " | first publish to each, msgs/s"}.get(
+                curve, ""
+            )
+            lines += [
+                f"| target | {curve} | msgs/s{extra} | broker CPU | status |",
+                "|---|--:|--:|" + ("--:|" if extra else "") + "--:|---|",
+            ]
+            for run in mine:
+                rate = run.get("rate")
+                mbs = ""
+                if curve == "payload":
+                    mbs = " | " + ("-" if rate is None else f"{rate * run['point'] / 1e6:,.1f}")
+                elif curve == "topics":
+                    mbs = " | " + _n(run.get("first_touch_rate"))
+                status = str(run.get("status"))
+                if not run.get("ok"):
+                    status += f" (lost {run.get('lost')}, dup {run.get('duplicated')})"
+                lines.append(
+                    f"| {TARGETS[run['target']].label} | {run['point']:,} | {_n(rate)}{mbs} | "
+                    f"{_pct(run.get('broker_cpu_percent'))} | {status} |"
+                )
+        lines.append("")
+    return lines
+
+
+def collect_notes(runs: list[Run]) -> list[str]:
+    notes: list[str] = []
+    skipped: dict[str, str] = {}
+    for run in runs:
+        res = run.result
+        key = run.job.target.key
+        if res.get("status") == "skipped":
+            skipped.setdefault(key, str(res.get("error")))
+            continue
+        tag = f"{run.job.workload} {run.job.target.label}"
+        if not run.ok:
+            notes.append(
+                f"{tag}: status {res.get('status')}, lost {res.get('lost')}, "
+                f"dup {res.get('duplicated')}, errors "
+                f"{(res.get('publish_errors') or 0) + (res.get('receive_errors') or 0)}"
+                + (
+                    f": {res.get('error') or res.get('first_error')}"
+                    if res.get("error") or res.get("first_error")
+                    else ""
+                )
+            )
+        if (res.get("other_cpu_percent") or 0) > BUSY_PERCENT:
+            notes.append(
+                f"{tag}: other processes used {res['other_cpu_percent']:.0f}% of a core "
+                f"during the run (after {res.get('attempts', 1)} attempt(s)): figure disturbed"
+            )
+        if (res.get("generator_cpu_percent") or 0) > 85 and run.job.workload != "D":
+            notes.append(
+                f"{tag}: generator CPU {res['generator_cpu_percent']:.0f}%: "
+                "the figure may be client-bound"
+            )
+        own = run.job.target.server in ("msg", "relay")  # peers' logs stay in the JSON
+        for line in (run.server.get("problems") or [])[:2] if own else []:
+            notes.append(f"{tag}: broker log: {line[:200]}")
+    for key, reason in skipped.items():
+        notes.append(f"{TARGETS[key].label} skipped: {reason}")
+    return notes
+
+
+def quick_report(summary: dict[str, dict[str, dict[str, Any]]]) -> str:
+    relay = summary.get("A", {}).get("relay", {}).get("rate")
+    lines = ["workload              target  msgs/s      vs relay A  broker CPU  gen CPU  status"]
+    for workload in ("A", "C"):
+        for key in ("relay", "msg", "msg-pure"):
+            cell = summary.get(workload, {}).get(key)
+            if not cell:
+                continue
+            value = ratio(cell.get("rate"), relay)
+            shown = "1 (ref)" if key == "relay" else ("-" if value is None else f"{value:.3f}")
+            lines.append(
+                f"{WORKLOAD_LABELS[workload]:<21} {key:<7} {_n(cell.get('rate')):>10}  "
+                f"{shown:>10}  {_pct(cell.get('broker_cpu')):>10}  "
+                f"{_pct(cell.get('generator_cpu')):>7}  {cell.get('status')}"
+            )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="msg benchmark suite (docs/benchmarks.md)")
+    parser.add_argument(
+        "--quick", action="store_true", help="under a minute: A and C, msg and the relay only"
+    )
+    parser.add_argument(
+        "--fsync",
+        choices=["always", "everysec", "never"],
+        default="always",
+        help="msg's fsync policy for A-D and the curves (E is always 'always')",
+    )
+    parser.add_argument(
+        "--fast",
+        choices=["both", "yes", "no"],
+        default="both",
+        help="msg with the fast extra (orjson/uvloop), without, or both",
+    )
+    parser.add_argument("--targets", help="comma-separated subset of " + ",".join(TARGETS))
+    parser.add_argument("--workloads", default="A,B,C,D,E", help="subset of A,B,C,D,E")
+    parser.add_argument(
+        "--no-scaling", dest="scaling", action="store_false", help="skip the scaling curves"
+    )
+    parser.add_argument(
+        "--curves",
+        dest="scaling_curves",
+        default=",".join(SCALING_LABELS),
+        help="subset of " + ",".join(SCALING_LABELS),
+    )
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds publishing per run")
+    parser.add_argument("--latency-seconds", type=float, default=10.0, help="D's duration")
+    parser.add_argument("--payload", type=int, default=100, help="message bytes (default 100)")
+    parser.add_argument("--repeat", type=int, default=1, help="repetitions, interleaved")
+    parser.add_argument(
+        "--msg-tree",
+        type=Path,
+        help="directory holding the msg package to measure (default: this repo)",
+    )
+    parser.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")
+    parser.add_argument(
+        "--charts",
+        action="store_true",
+        default=None,
+        help="write PNG charts (default: on unless --quick)",
+    )
+    parser.add_argument("--data-root", type=Path, help="where brokers' data dirs go")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        help="seconds to wait, before each measurement, for other load to drop "
+        "(default 30; --quick 5; 0: don't)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        help=f"re-runs of a measurement disturbed by other load (> {BUSY_PERCENT:.0f}%% "
+        "of a core; default 2, --quick 1)",
+    )
+    options = parser.parse_args(argv)
+    if options.targets:
+        options.targets = [t.strip() for t in options.targets.split(",") if t.strip()]
+        unknown = set(options.targets) - set(TARGETS)
+        if unknown:
+            parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    elif options.quick:
+        options.targets = ["relay", "msg"]
+    else:
+        options.targets = ["msg", "msg-pure", "relay", *PEERS]
+    if options.fast == "yes":
+        options.targets = [t for t in options.targets if not TARGETS[t].pure]
+    elif options.fast == "no":
+        options.targets = [t for t in options.targets if t != "msg" and t != "relay"]
+        options.targets = list(dict.fromkeys([*options.targets, "msg-pure", "relay-pure"]))
+    workloads = {w.strip().upper() for w in options.workloads.split(",") if w.strip()}
+    if options.quick:
+        workloads &= {"A", "C"}
+    options.workloads = workloads
+    options.scaling_curves = {c.strip() for c in options.scaling_curves.split(",")}
+    if options.retries is None:
+        options.retries = 1 if options.quick else 2
+    if options.quiet_wait is None:
+        options.quiet_wait = 5.0 if options.quick else 30.0
+    if options.charts is None:
+        options.charts = not options.quick
+    return options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    server_cpus, generator_cpus, pinning = choose_cpus(not options.no_pin)
+    started = datetime.datetime.now(datetime.UTC)
+    found = servers.versions()
+    found["msg"] = msg_source(options.msg_tree)
+    if "rabbitmq" in options.targets:
+        found["rabbitmq"] = rabbitmq_version()
+    mode = ("quick, " if options.quick else "") + f"msg --fsync {options.fsync}"
+    print(f"msg benchmark suite, {started:%Y-%m-%d %H:%M} UTC; {mode}; {pinning}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in found.items() if v))
+    jobs = plan(options)
+    data_root = Path(tempfile.mkdtemp(prefix="msg-suite-", dir=options.data_root))
+    runs: list[Run] = []
+    began = time.monotonic()
+    skipped: dict[str, str] = {}
+    try:
+        for job in jobs:
+            if job.target.key in skipped and job.target.server != "redis":
+                runs.append(Run(job, {"status": "skipped", "error": skipped[job.target.key]}))
+                continue
+            run = run_job(job, options, (server_cpus, generator_cpus), data_root)
+            # Curves are not retried: their "other" load is mostly the kernel's own work
+            # for the broker (file system journal with many topics), not other users.
+            for _ in range(options.retries if job.workload in WORKLOAD_LABELS else 0):
+                # Another user of the machine took CPU during the run: measure again,
+                # keep the quietest.
+                if (run.result.get("other_cpu_percent") or 0) <= BUSY_PERCENT:
+                    break
+                print(describe(run) + "  (disturbed: measuring again)", flush=True)
+                again = run_job(job, options, (server_cpus, generator_cpus), data_root)
+                again.result["attempts"] = int(run.result.get("attempts", 1)) + 1
+                if (again.result.get("other_cpu_percent") or 0) < (
+                    run.result.get("other_cpu_percent") or 0
+                ):
+                    run = again
+                else:
+                    run.result["attempts"] = again.result["attempts"]
+            if run.result.get("status") == "skipped":
+                skipped.setdefault(job.target.key, str(run.result.get("error")))
+            runs.append(run)
+            print(describe(run), flush=True)
+    finally:
+        shutil.rmtree(data_root, ignore_errors=True)
+    summary = summarise(runs)
+    document: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "mode": mode,
+        "versions": found,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "pinning": pinning,
+        "settings": {
+            k: sorted(v) if isinstance(v, set) else (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(options).items()
+        },
+        "summary": summary,
+        "runs": [run.to_json() for run in runs],
+        "notes": collect_notes(runs),
+        "seconds": round(time.monotonic() - began, 1),
+    }
+    document["targets"] = check_targets(summary, runs)
+    print()
+    if options.quick:
+        print(quick_report(summary))
+        for note in document["notes"]:
+            print(f"! {note}")
+    else:
+        print(markdown(document))
+    out_dir = options.out or RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    tag = "quick" if options.quick else f"fsync-{options.fsync}"
+    json_path = out_dir / f"{stamp}-{tag}.json"
+    json_path.write_text(json.dumps(document, indent=1) + "\n")
+    (out_dir / f"{stamp}-{tag}.md").write_text(markdown(document))
+    print(f"wrote {json_path} and .md ({document['seconds']:.0f} s)")
+    if options.charts:
+        try:
+            from benchmarks import charts
+        except ImportError as exc:
+            print(f"no charts ({exc}; pip install 'msg[bench]')")
+        else:
+            for path in charts.write_all(document, out_dir / f"{stamp}-{tag}"):
+                print(f"wrote {path}")
+    msg_runs = [r for r in runs if r.job.target.is_msg]
+    return 0 if msg_runs and all(r.ok for r in msg_runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
