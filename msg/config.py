@@ -72,6 +72,12 @@ class Config:
     """Seconds a topic message is kept; Kafka's default of seven days."""
     segment_bytes: int = 16 * 1024 * 1024
     """Size at which a log starts a new segment file; the unit of reclaiming space."""
+    min_free_bytes: int = 64 * 1024 * 1024
+    """Publishes get ``storage_full`` while the data directory's file system has less
+    than this free, before the disk is actually full, so consumers' acks and compaction
+    (which writes before it deletes) still have room. RabbitMQ's disk_free_limit
+    defaults to 50 MB; 64 MiB is four segments, and the acks of a million messages
+    (about 40 bytes each). 0 turns the check off."""
     shutdown_timeout: float = 10.0
     """Seconds a graceful shutdown waits for storage and clients before giving up."""
 
@@ -95,6 +101,7 @@ class Config:
         _positive("max_pending_bytes", self.max_pending_bytes, minimum=64 * 1024)
         _positive("max_inflight_requests", self.max_inflight_requests)
         _positive("segment_bytes", self.segment_bytes, minimum=4096)
+        _positive("min_free_bytes", self.min_free_bytes, minimum=0)
         for name in ("max_queue_messages", "retention_messages", "retention_bytes"):
             value = getattr(self, name)
             if value is not None:
@@ -130,6 +137,7 @@ _KINDS: Final[Mapping[str, str]] = {
     "retention_bytes": "int?",
     "retention_age": "seconds?",
     "segment_bytes": "int",
+    "min_free_bytes": "int",
     "shutdown_timeout": "seconds",
 }
 
@@ -210,6 +218,7 @@ _PARSERS: Final[Mapping[str, Callable[[str], Any]]] = {
     "retention_bytes": _optional(parse_size),
     "retention_age": _optional(float),
     "segment_bytes": parse_size,
+    "min_free_bytes": parse_size,
     "shutdown_timeout": float,
 }
 

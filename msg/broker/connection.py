@@ -75,7 +75,7 @@ class Connection(asyncio.Protocol):
                 encode_error(ErrorCode.INTERNAL_ERROR, "internal error in the broker; see its log")
             )
             return
-        server.schedule_flush()
+        server.received(len(data))
         if server.router.pending_replies(self.id) > server.config.max_inflight_requests:
             self.pause_reading()
 

@@ -20,7 +20,8 @@ directory name that
   :data:`MAX_ENCODED` keeps a readable prefix and appends ``~`` and a SHA-256 of the
   name.
 
-The true name is kept in the directory's ``meta.json``, so nothing needs to decode.
+The true name is kept in the directory's ``meta.json``; :func:`decode_name` exists
+only to rebuild a ``meta.json`` that a crash tore.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
-__all__ = ["MAX_ENCODED", "encode_name", "segment_file_name", "segment_number"]
+__all__ = ["MAX_ENCODED", "decode_name", "encode_name", "segment_file_name", "segment_number"]
 
 # Well below the 255-byte file-name limit of ext4, XFS, APFS and NTFS, leaving room for
 # suffixes (".tmp", ".broken-N") that the store may add next to a directory name.
@@ -74,6 +75,31 @@ def encode_name(name: str) -> str:
             head = head[:cut]
         encoded = f"{head}~{digest}"
     return encoded
+
+
+def decode_name(encoded: str) -> str | None:
+    """The name whose encoding is ``encoded``; None for a hashed (or foreign) one."""
+    if "~" in encoded:
+        return None
+    raw = bytearray()
+    at = 0
+    while at < len(encoded):
+        char = encoded[at]
+        if char == "%":
+            try:
+                raw.append(int(encoded[at + 1 : at + 3], 16))
+            except ValueError:
+                return None
+            at += 3
+        else:
+            raw += char.encode("ascii", "replace")
+            at += 1
+    try:
+        name = raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return None
+    # Only an exact round trip counts: anything else is not a directory msg made.
+    return name if encode_name(name) == encoded else None
 
 
 def segment_file_name(number: int) -> str:

@@ -8,7 +8,8 @@ Layout of the data directory::
     queues/<encoded name>/meta.json      {"v":1,"kind":"queue","name":"<true name>"}
     queues/<encoded name>/<20 digits>.log   segments, oldest first
     topics/<encoded name>/meta.json, <20 digits>.log, cursors.log
-    lost+found/                          directories whose meta.json was unreadable
+    lost+found/                          directories whose meta.json was unreadable,
+                                         and files with corrupt records, kept
 
 Names are encoded by :mod:`msg.storage.filenames`; records are described in
 :mod:`msg.storage.records`. A segment's number is the first position in it (topics)
@@ -34,10 +35,22 @@ items fail with ``storage_full``; the store keeps going. Any other write error, 
 any sync error, fails the items with ``storage_error`` and turns the store
 read-only for good: it cannot vouch for what is on disk.
 
+Free space (``min_free_bytes``, RabbitMQ's ``disk_free_limit``): publishes are
+refused with ``storage_full`` while the file system has less than that free, before
+it is actually full, so that consumers' acks, dead letters and compaction (which
+writes before it deletes) still have room. The free space is read with one
+``statvfs`` at most every :data:`FREE_CHECK_INTERVAL` (in :meth:`FileStore.writable`,
+which the broker calls once per loop iteration), and between two reads the store
+subtracts what it writes itself, per batch, so a burst cannot overshoot the mark by
+more than one batch. Publishing resumes as soon as a read finds enough room again
+(the operator freed space, or acks let compaction delete segments).
+
 Fsync policies: ALWAYS waits for the group commit before any result; EVERYSEC
 returns after the write and :meth:`FileStore.maintain` syncs once a second; NEVER
-syncs only in :meth:`FileStore.close` (maintenance then deletes copied segments
-without syncing the copies first: that policy accepts losing data on power loss).
+syncs only in :meth:`FileStore.close`. Whatever the policy, maintenance makes copies
+durable before it deletes the originals (Redis fsyncs its AOF rewrite under
+``appendfsync no`` too): otherwise a power loss could take messages acked hours ago,
+not just the ones the kernel had not written back yet.
 
 What is written: queues get ``pub`` records, ``ack``/``dead``/``req`` when
 settled (a settle group's records go out in one write, and the group succeeds or
@@ -74,8 +87,12 @@ Recovery (:meth:`FileStore.open`, on the storage thread; see :mod:`.logs`). Ever
 segment is read and checked (in bulk when it is intact, record by record when
 not). A torn tail of a log's newest file is cut off with one WARNING; corrupt
 records elsewhere are skipped with one ERROR each, and the records around them
-survive. A directory whose ``meta.json`` cannot be read is moved to
-``lost+found`` (or removed, if it holds no records: a creation cut short).
+survive. A file with corrupt records is never rewritten or deleted in place: it
+goes to ``lost+found`` first (:mod:`.lostfound`). A torn or missing ``meta.json``
+of a log that holds records is rebuilt from the directory's name (a crash during
+the log's creation); one that holds none is removed (a creation cut short); any
+other unreadable one moves its directory to ``lost+found``. The directories the
+store creates are fsynced in their parents (:func:`.fs.make_durable_dirs`).
 """
 
 from __future__ import annotations
@@ -118,7 +135,7 @@ from msg.persistence import (
 from msg.storage import records
 from msg.storage.commit import GroupCommit
 from msg.storage.filenames import encode_name, segment_file_name
-from msg.storage.fs import FileSystem
+from msg.storage.fs import FileSystem, make_durable_dirs
 from msg.storage.index import (
     DEAD_LETTER_PREFIX,
     Entry,
@@ -130,10 +147,21 @@ from msg.storage.index import (
     check_columns,
     unknown_ids,
 )
-from msg.storage.logs import CURSORS, Counts, Log, QueueLog, TopicLog, recover_queue, recover_topic
+from msg.storage.logs import (
+    CURSORS,
+    Counts,
+    Log,
+    QueueLog,
+    TopicLog,
+    holds_records,
+    rebuild_meta,
+    recover_queue,
+    recover_topic,
+)
+from msg.storage.lostfound import LOST_FOUND, copy_aside, move_aside
 from msg.storage.segments import SPARSE_INDEX_BYTES, LogFile, Segment, read_topic_segment
 
-__all__ = ["COMPACT_LIVE_RATIO", "DEFAULT_SEGMENT_BYTES", "FileStore"]
+__all__ = ["COMPACT_LIVE_RATIO", "DEFAULT_SEGMENT_BYTES", "FREE_CHECK_INTERVAL", "FileStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +177,14 @@ COMPACT_LIVE_RATIO: Final = 10
 CURSOR_COMPACT_RECORDS: Final = 4096
 # EVERYSEC: Redis's appendfsync everysec interval.
 EVERYSEC_INTERVAL: Final = 1.0
+# Seconds between two reads of the free space (one statvfs each): ten a second is
+# nothing next to the writes, and the store counts its own writes in between, so
+# only space taken by others is noticed this late.
+FREE_CHECK_INTERVAL: Final = 0.1
 
 _QUEUES: Final = "queues"
 _TOPICS: Final = "topics"
-_LOST: Final = "lost+found"
+_LOST: Final = LOST_FOUND
 _META: Final = "meta.json"
 _LOCK: Final = "LOCK"
 _TMP: Final = ".tmp"
@@ -219,10 +251,20 @@ class FileStore:
         retention: Retention = _DEFAULT_RETENTION,
         max_queue_messages: int | None = None,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        min_free_bytes: int = 0,
+        free_check_interval: float = FREE_CHECK_INTERVAL,
         fs: FileSystem | None = None,
     ) -> None:
+        """A store in ``data_dir`` (created if missing); nothing is read until :meth:`open`.
+
+        ``min_free_bytes``: refuse publishes while the file system has less free (0:
+        never; see the module docstring). ``free_check_interval``: seconds between two
+        reads of the free space. ``fs``: the file-system seam (tests inject faults).
+        """
         if segment_bytes <= 0:
             raise ValueError(f"segment_bytes must be positive, not {segment_bytes}")
+        if min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes must not be negative, not {min_free_bytes}")
         self._root = os.path.abspath(os.fspath(data_dir))
         self._policy = fsync
         self._retention = retention
@@ -237,6 +279,14 @@ class FileStore:
         self._lock_fd: int | None = None
         self._read_only: str | None = None
         self._full = False
+        self._min_free = min_free_bytes
+        self._free_interval = free_check_interval
+        self._free_next = 0.0
+        """When (time.monotonic) to read the free space again."""
+        self._free = 0
+        """Free bytes at the last read, less what the store wrote since."""
+        self._low = False
+        """Below min_free_bytes: publishes are refused."""
         self._closed = False
         self._last_sync: float | None = None
         self._maintaining = False
@@ -269,6 +319,8 @@ class FileStore:
             raise
         self._loop = loop
         self._commit = GroupCommit(self._fs, self._policy, loop, self._executor, self._sync_failed)
+        if self._min_free:
+            self._check_free(time.monotonic())
         logger.info(
             "opened %s: %d queues (%d ready messages), %d topics in %.3f s",
             self._root,
@@ -319,7 +371,43 @@ class FileStore:
         return commit
 
     def writable(self) -> StoreFailure | None:
-        return None if self._read_only is None else StoreFailure.STORAGE_ERROR
+        if self._read_only is not None:
+            return StoreFailure.STORAGE_ERROR
+        if self._min_free:
+            now = time.monotonic()
+            if now >= self._free_next:
+                self._check_free(now)
+            if self._low:
+                return StoreFailure.STORAGE_FULL
+        return None
+
+    def _check_free(self, now: float) -> None:
+        """Read the free space (one statvfs) and note whether it is below the mark."""
+        self._free_next = now + self._free_interval
+        try:
+            self._free = self._fs.free_bytes(self._root)
+        except OSError as exc:
+            # Not knowing is no reason to refuse: writes still report a full disk.
+            logger.debug("cannot read the free space of %s: %s", self._root, exc)
+            return
+        self._set_low(self._free < self._min_free)
+
+    def _set_low(self, low: bool) -> None:
+        if low is self._low:
+            return
+        self._low = low
+        if low:
+            logger.error(
+                "free space on %s is %d bytes, below min_free_bytes (%d): publishes are "
+                "refused until space is freed",
+                self._root,
+                max(self._free, 0),
+                self._min_free,
+            )
+        else:
+            logger.info(
+                "free space on %s is %d bytes again: publishes are accepted", self._root, self._free
+            )
 
     def _set_read_only(self, why: str) -> None:
         if self._read_only is None:
@@ -341,15 +429,18 @@ class FileStore:
             file.append(data)
         except OSError as exc:
             if exc.errno in _FULL_ERRNOS and not file.damaged:
-                if not self._full:
-                    self._full = True
-                    logger.error("storage full: cannot write to %s: %s", file.path, exc.strerror)
+                self._disk_full(f"cannot write to {file.path}: {exc.strerror}")
                 return StoreFailure.STORAGE_FULL
             self._set_read_only(f"write to {file.path} failed: {exc}")
             return StoreFailure.STORAGE_ERROR
         if self._full:
             self._full = False
             logger.info("storage has room again: wrote to %s", file.path)
+        if self._min_free:
+            # One subtraction per batch: a burst is noticed before the next statvfs.
+            self._free -= len(data)
+            if self._free < self._min_free:
+                self._set_low(True)
         if isinstance(segment, Segment):
             segment.size = file.size
         self._ready().wrote(file.fd)
@@ -427,11 +518,19 @@ class FileStore:
             log = created
         return log
 
+    def _disk_full(self, why: str) -> None:
+        """A write found no space: log it once, and refuse publishes until a read of the
+        free space finds room (with a watermark; else each write tries again)."""
+        if not self._full:
+            self._full = True
+            logger.error("storage full: %s", why)
+        if self._min_free:
+            self._free = 0
+            self._set_low(True)
+
     def _create_failed(self, name: str, exc: OSError) -> Appended:
         if exc.errno in _FULL_ERRNOS:
-            if not self._full:
-                self._full = True
-                logger.error("storage full: cannot create the log of %r: %s", name, exc.strerror)
+            self._disk_full(f"cannot create the log of {name!r}: {exc.strerror}")
             return Appended(failure=StoreFailure.STORAGE_FULL, detail="no space to create the log")
         self._set_read_only(f"cannot create the log of {name!r}: {exc}")
         return Appended(failure=StoreFailure.STORAGE_ERROR, detail=f"cannot create the log: {exc}")
@@ -440,9 +539,14 @@ class FileStore:
 
     async def append(self, items: Sequence[Append]) -> list[Appended]:
         commit = self._ready()
-        if self._read_only is not None:
-            failed = Appended(failure=StoreFailure.STORAGE_ERROR, detail=self._read_only)
-            return [failed] * len(items)
+        refused = self.writable()
+        if refused is not None:
+            detail = (
+                self._read_only
+                if refused is StoreFailure.STORAGE_ERROR
+                else f"less than min_free_bytes ({self._min_free}) free on the storage device"
+            )
+            return [Appended(failure=refused, detail=detail or "")] * len(items)
         check_columns(items)
         results: list[Appended] = [_PLACEHOLDER] * len(items)
         writes: dict[tuple[Kind, str], _Write] = {}
@@ -957,9 +1061,10 @@ class FileStore:
         return True
 
     async def _sync_before_delete(self) -> bool:
-        """Make copies durable before deleting originals. NEVER: no fsync (its promise)."""
-        if self._policy is FsyncPolicy.NEVER:
-            return self._read_only is None
+        """Make copies durable before deleting originals, whatever the policy.
+
+        Once a compaction per segment: rare, and off the hot path.
+        """
         return await self._sync_quietly()
 
     def _apply_retention(self, now: float) -> None:
@@ -999,11 +1104,21 @@ class FileStore:
                 index.first = min(log.numbers[0], index.end)
 
     def _drop_segment(self, log: Log) -> bool:
-        """Delete the oldest segment of ``log``; False if that failed (logged)."""
+        """Delete the oldest segment of ``log``; False if that failed (logged).
+
+        A segment with corrupt records is moved to lost+found instead: its bad bytes
+        are evidence, kept until an operator looks (see :mod:`.lostfound`).
+        """
         segment = log.segments[0]
         commit = self._ready()
         try:
-            self._fs.remove(segment.path)
+            if segment.corrupt:
+                kept, changed = move_aside(self._fs, self._root, segment.path)
+                for directory in changed:
+                    commit.changed_dir(directory)
+                logger.warning("segment %s had corrupt records: kept it as %s", segment.path, kept)
+            else:
+                self._fs.remove(segment.path)
         except FileNotFoundError:
             logger.warning("segment %s was already gone", segment.path)
         except OSError as exc:
@@ -1066,6 +1181,9 @@ class FileStore:
                 for seq, message_id, payload, published_at, attempt, reason in run.rest()
             )
         copies.sort()
+        logger.debug(
+            "compacting %s: copying %d live messages of %d", oldest.path, found, oldest.pubs
+        )
         active = self._active(log, queue.next_seq)
         parts: list[bytes] = []
         for copy in copies:
@@ -1092,6 +1210,17 @@ class FileStore:
             return
         fs = self._fs
         path = os.path.join(log.dir, CURSORS)
+        if log.cursors_corrupt:
+            # The rewrite drops the corrupt records: keep the file as it is first (on
+            # the storage thread: a copy and its fsyncs).
+            try:
+                kept = await self._running_loop().run_in_executor(
+                    self._executor, copy_aside, fs, self._root, path
+                )
+            except OSError as exc:
+                logger.error("cannot keep %s aside, so not compacting it: %s", path, exc)
+                return
+            logger.warning("%s had corrupt records: kept it as %s", path, kept)
         version = log.cursor_version
         data = b"".join(
             [records.cursor_record(name, position) for name, position in cursors.items()]
@@ -1101,8 +1230,7 @@ class FileStore:
         except OSError as exc:
             logger.error("cannot compact %s: %s", path, exc)
             return
-        if self._policy is not FsyncPolicy.NEVER:
-            self._ready().created(path + _TMP)
+        self._ready().created(path + _TMP)
         if not await self._sync_before_delete():
             return
         if log.cursor_version != version or self._closed or log.cursors is None:
@@ -1120,6 +1248,7 @@ class FileStore:
         commit.changed_dir(log.dir)
         log.cursors = fresh
         log.cursor_records = len(cursors)
+        log.cursors_corrupt = False
 
     # -- recovery --------------------------------------------------------------------
 
@@ -1127,12 +1256,12 @@ class FileStore:
         """Rebuild the index from the data directory (runs on the storage thread)."""
         fs = self._fs
         try:
-            fs.makedirs(self._root)
+            make_durable_dirs(fs, self._root)
             self._lock_fd = fs.lock(os.path.join(self._root, _LOCK))
             counts = Counts()
             for kind, sub in ((Kind.QUEUE, _QUEUES), (Kind.TOPIC, _TOPICS)):
                 base = os.path.join(self._root, sub)
-                fs.makedirs(base)
+                make_durable_dirs(fs, base)
                 for entry in sorted(fs.listdir(base)):
                     directory = os.path.join(base, entry)
                     if not fs.is_dir(directory):
@@ -1142,10 +1271,14 @@ class FileStore:
                         continue
                     if kind is Kind.QUEUE:
                         queue = self._index.queue(name)
-                        self._queues[name] = recover_queue(fs, name, directory, queue, counts)
+                        self._queues[name] = recover_queue(
+                            fs, self._root, name, directory, queue, counts
+                        )
                     else:
                         topic = self._index.topic(name)
-                        self._topics[name] = recover_topic(fs, name, directory, topic, counts)
+                        self._topics[name] = recover_topic(
+                            fs, self._root, name, directory, topic, counts
+                        )
         except OSError as exc:
             if isinstance(exc, StorageError):
                 raise
@@ -1167,8 +1300,22 @@ class FileStore:
             if encode_name(name) != entry:
                 raise ValueError(f"name {name!r} does not belong in this directory")
         except (OSError, ValueError) as exc:
-            self._set_aside(kind, directory, entry, str(exc))
-            return None
+            rebuilt = (
+                rebuild_meta(fs, self._root, kind.value, directory)
+                if holds_records(fs, directory)
+                else None
+            )
+            if rebuilt is None:
+                self._set_aside(kind, directory, entry, str(exc))
+                return None
+            logger.warning(
+                "rebuilt the unreadable meta.json of %s %r in %s (%s)",
+                kind.value,
+                rebuilt,
+                directory,
+                exc,
+            )
+            name = rebuilt
         for file_name in fs.listdir(directory):
             if file_name.endswith(_TMP):
                 # Half-done meta.json or cursors.log rewrite; the original is intact.

@@ -7,6 +7,9 @@ given to its constructor. That makes this class the seam for fault injection: a
 test subclass can fail the Nth write with ``ENOSPC``, make ``fsync`` raise ``EIO``,
 count syncs, or (later) simulate a crash by dropping everything not yet synced.
 
+``free_bytes`` (one ``statvfs``) feeds the free-space watermark; the store calls it
+at most every few hundred milliseconds, never per message.
+
 Writes go to explicit offsets (``pwrite``) so a failed write can be cut off with
 ``truncate`` and the next one lands at the right place without seeking. ``sync``
 prefers ``fdatasync``: appended data and the file size are flushed, but not the
@@ -17,12 +20,13 @@ calls them from its sync thread, never from the event loop.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from typing import Final
 
 from msg.errors import StorageError
 
-__all__ = ["FileSystem"]
+__all__ = ["FileSystem", "make_durable_dirs"]
 
 _OPEN_FLAGS: Final = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS: Final = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -110,6 +114,12 @@ class FileSystem:
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
+    def free_bytes(self, path: str) -> int:
+        """Bytes an unprivileged writer may still use on the file system holding ``path``."""
+        # One statvfs on POSIX (GetDiskFreeSpaceEx on Windows). "free" is f_bavail, not
+        # f_bfree: the blocks reserved for root (5% on ext4) are not ours to count on.
+        return shutil.disk_usage(path).free
+
     def lock(self, path: str) -> int:
         """Take an exclusive lock on ``path`` without waiting; StorageError if another holds it."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _FILE_MODE)
@@ -126,6 +136,29 @@ class FileSystem:
     def unlock(self, fd: int) -> None:
         # Closing the descriptor drops the lock.
         os.close(fd)
+
+
+def make_durable_dirs(fs: FileSystem, path: str) -> None:
+    """Create directory ``path`` and its missing parents, durably.
+
+    A new directory's name is an entry of its parent, and like any entry it survives a
+    power loss only once the parent is fsynced. Without this, a fresh data directory
+    could lose its ``queues/`` (and every acked message under it) to a crash in the
+    seconds before the kernel writes the parent back on its own.
+    """
+    missing: list[str] = []
+    at = path
+    while not fs.exists(at):
+        missing.append(at)
+        parent = os.path.dirname(at)
+        if parent == at:
+            break
+        at = parent
+    if not missing:
+        return
+    fs.makedirs(path)
+    for created in reversed(missing):
+        fs.sync_path(os.path.dirname(created))
 
 
 if sys.platform == "win32":

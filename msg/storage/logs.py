@@ -21,7 +21,10 @@ payloads stay on disk.
 
 A bad tail of the newest file of a log is a write torn by a crash: it is cut off with
 one WARNING naming file and offset. Any other bad region is corruption: it is skipped
-with one ERROR line, and the records around it are kept.
+with one ERROR line, and the records around it are kept. A file with corrupt records
+is marked (``Segment.corrupt``), so that nothing later deletes or rewrites it without
+keeping it in ``lost+found`` (:mod:`.lostfound`); cutting a torn tail off such a file
+copies it there first.
 """
 
 from __future__ import annotations
@@ -34,16 +37,29 @@ from operator import itemgetter
 from typing import Any, Final
 
 from msg.storage import records
-from msg.storage.filenames import segment_file_name, segment_number
+from msg.storage.filenames import decode_name, segment_file_name, segment_number
 from msg.storage.fs import FileSystem
 from msg.storage.index import DEDUP_WINDOW, QueueIndex, Run, TopicIndex
+from msg.storage.lostfound import copy_aside
 from msg.storage.segments import LogFile, Segment
 
-__all__ = ["CURSORS", "Counts", "Log", "QueueLog", "TopicLog", "recover_queue", "recover_topic"]
+__all__ = [
+    "CURSORS",
+    "META",
+    "Counts",
+    "Log",
+    "QueueLog",
+    "TopicLog",
+    "holds_records",
+    "rebuild_meta",
+    "recover_queue",
+    "recover_topic",
+]
 
 logger = logging.getLogger(__name__)
 
 CURSORS: Final = "cursors.log"
+META: Final = "meta.json"
 
 
 class Log:
@@ -85,7 +101,15 @@ class QueueLog(Log):
 
 
 class TopicLog(Log):
-    __slots__ = ("bytes", "count", "cursor_records", "cursor_version", "cursors", "index")
+    __slots__ = (
+        "bytes",
+        "count",
+        "cursor_records",
+        "cursor_version",
+        "cursors",
+        "cursors_corrupt",
+        "index",
+    )
 
     def __init__(
         self, name: str, directory: str, segments: list[Segment], index: TopicIndex
@@ -98,6 +122,8 @@ class TopicLog(Log):
         self.cursors: LogFile | None = None
         self.cursor_records = 0
         self.cursor_version = 0
+        self.cursors_corrupt = False
+        """cursors.log has a corrupt record: keep a copy before rewriting it."""
 
 
 @dataclass(slots=True)
@@ -112,7 +138,7 @@ def _segment_numbers(fs: FileSystem, directory: str) -> list[int]:
 
 
 def _load(
-    fs: FileSystem, path: str, last: bool, counts: Counts
+    fs: FileSystem, root: str, path: str, last: bool, counts: Counts
 ) -> tuple[records.Scan, LogFile | None, int]:
     """Read and check one log file; the last one of a log is opened for appending.
 
@@ -137,6 +163,10 @@ def _load(
                     scan.torn,
                     len(data) - scan.torn,
                 )
+                if scan.corrupt:
+                    # Cutting is a rewrite: the corrupt records' file goes aside first.
+                    kept = copy_aside(fs, root, path, data)
+                    logger.warning("kept the original of %s as %s", path, kept)
                 file.truncate(scan.torn)
                 size = scan.torn
             else:
@@ -154,13 +184,49 @@ def _load(
     return scan, file, size
 
 
+def holds_records(fs: FileSystem, directory: str) -> bool:
+    """True if a segment or cursors.log of log ``directory`` has a byte in it."""
+    return any(
+        not fs.is_empty(os.path.join(directory, name))
+        for name in fs.listdir(directory)
+        if name == CURSORS or segment_number(name) is not None
+    )
+
+
+def rebuild_meta(fs: FileSystem, root: str, kind: str, directory: str) -> str | None:
+    """Rewrite a torn or missing ``meta.json`` from the directory's name, durably;
+    return the log's name, or None if it cannot be rebuilt (a hashed name, or a
+    readable meta.json that says something else: that one is left alone).
+
+    A crash during a log's creation can leave its meta.json torn while records after
+    it survive (a journal may commit the rename before the data). The records are
+    fine and the name is in the directory's name, so nothing needs to go to
+    lost+found. The torn file is kept there first (see :mod:`.lostfound`).
+    """
+    name = decode_name(os.path.basename(directory))
+    if name is None:
+        return None
+    path = os.path.join(directory, META)
+    if fs.exists(path):
+        data = fs.read_file(path)
+        if not records.is_torn_meta(data):
+            return None
+        if data:
+            copy_aside(fs, root, path, data)
+    fs.write_file(path + ".tmp", records.meta_bytes(kind, name))
+    fs.sync_path(path + ".tmp")
+    fs.rename(path + ".tmp", path)
+    fs.sync_path(directory)
+    return name
+
+
 def _first_segment(fs: FileSystem, directory: str) -> list[Segment]:
     path = os.path.join(directory, segment_file_name(0))
     return [Segment(0, path, file=LogFile.open(fs, path))]
 
 
 def recover_queue(
-    fs: FileSystem, name: str, directory: str, queue: QueueIndex, counts: Counts
+    fs: FileSystem, root: str, name: str, directory: str, queue: QueueIndex, counts: Counts
 ) -> QueueLog:
     """Replay a queue's segments into ``queue``; the newest is opened for appending."""
     numbers = _segment_numbers(fs, directory)
@@ -173,7 +239,8 @@ def recover_queue(
     max_seq = -1
     for k, number in enumerate(numbers):
         path = os.path.join(directory, segment_file_name(number))
-        scan, file, size = _load(fs, path, k == len(numbers) - 1, counts)
+        corrupt_before = counts.corrupt
+        scan, file, size = _load(fs, root, path, k == len(numbers) - 1, counts)
         segment = Segment(number, path, size=size, file=file)
         segments.append(segment)
         by_number[number] = segment
@@ -209,6 +276,7 @@ def recover_queue(
                 continue
             if seq > max_seq:
                 max_seq = seq
+        segment.corrupt = counts.corrupt > corrupt_before
         # Every pub record counts (a compaction copy took its original's live count
         # away above).
         segment.live += len(ids)
@@ -284,7 +352,7 @@ _TS: Final = itemgetter("ts")
 
 
 def recover_topic(
-    fs: FileSystem, name: str, directory: str, topic: TopicIndex, counts: Counts
+    fs: FileSystem, root: str, name: str, directory: str, topic: TopicIndex, counts: Counts
 ) -> TopicLog:
     """Scan a topic's segments and cursors into ``topic``; payloads stay on disk."""
     numbers = _segment_numbers(fs, directory)
@@ -293,9 +361,12 @@ def recover_topic(
     recent = topic.recent
     for k, number in enumerate(numbers):
         path = os.path.join(directory, segment_file_name(number))
-        scan, file, size = _load(fs, path, k == len(numbers) - 1, counts)
+        corrupt_before = counts.corrupt
+        scan, file, size = _load(fs, root, path, k == len(numbers) - 1, counts)
         segment = Segment(number, path, size=size, file=file)
-        segment.bad_offsets.update(offset for offset, _ in scan.corrupt)
+        segment.bad_regions.extend((offset, offset + length) for offset, length in scan.corrupt)
+        if scan.torn is not None and file is None:
+            segment.bad_regions.append((scan.torn, size))  # reported above, as corrupt
         segments.append(segment)
         for offset, line, header, payload in _parsed(scan, path, counts):
             try:
@@ -314,21 +385,23 @@ def recover_topic(
             if published_at > segment.newest:
                 segment.newest = published_at
             last_position = position
+        segment.corrupt = counts.corrupt > corrupt_before
     if not segments:
         segments = _first_segment(fs, directory)
     log = TopicLog(name, directory, segments, topic)
     topic.first = segments[0].number
     topic.end = topic.next_position = max(last_position + 1, segments[-1].number)
     topic.bytes = log.bytes
-    _recover_cursors(fs, log, counts)
+    _recover_cursors(fs, root, log, counts)
     return log
 
 
-def _recover_cursors(fs: FileSystem, log: TopicLog, counts: Counts) -> None:
+def _recover_cursors(fs: FileSystem, root: str, log: TopicLog, counts: Counts) -> None:
     path = os.path.join(log.dir, CURSORS)
     if not fs.exists(path):
         return
-    scan, file, _ = _load(fs, path, True, counts)
+    corrupt_before = counts.corrupt
+    scan, file, _ = _load(fs, root, path, True, counts)
     log.cursors = file
     cursors = log.index.cursors
     for line, offset in zip(scan.records, scan.offsets, strict=True):
@@ -344,3 +417,4 @@ def _recover_cursors(fs: FileSystem, log: TopicLog, counts: Counts) -> None:
             counts.corrupt += 1
             logger.error("unreadable record in %s at offset %d skipped: %s", path, offset, exc)
     log.cursor_records = len(scan.records)
+    log.cursors_corrupt = counts.corrupt > corrupt_before

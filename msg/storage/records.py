@@ -62,6 +62,7 @@ __all__ = [
     "cursor_record",
     "dead_record",
     "is_pub",
+    "is_torn_meta",
     "meta_bytes",
     "parse_all",
     "parse_meta",
@@ -70,6 +71,7 @@ __all__ = [
     "pub_parts",
     "requeue_record",
     "requeue_records",
+    "salvage",
     "scan",
     "seq_records",
     "valid",
@@ -265,6 +267,16 @@ def parse_meta(data: bytes) -> tuple[str, str]:
     return kind, name
 
 
+def is_torn_meta(data: bytes) -> bool:
+    """True if ``data`` is no JSON object at all: a ``meta.json`` a crash tore or zeroed
+    (as opposed to a readable one that says something else, e.g. a newer version)."""
+    try:
+        meta = jsonlib.loads(data)
+    except jsonlib.DecodeError:
+        return True
+    return not isinstance(meta, dict)
+
+
 @dataclass(slots=True)
 class Scan:
     """What :func:`scan` found in a segment's bytes."""
@@ -301,7 +313,7 @@ def scan(data: bytes) -> Scan:
             records.append(line)
             offsets.append(offset)
         else:
-            pieces = _salvage(line)
+            pieces = salvage(line)
             for k, (start, piece, good) in enumerate(pieces):
                 if good:
                     if bad_start >= 0:
@@ -358,8 +370,9 @@ def parse_all(lines: list[bytes]) -> tuple[list[dict[str, Any]], list[bytes]] | 
     return parsed, payloads
 
 
-def _salvage(line: bytes) -> list[tuple[int, bytes, bool]]:
-    """Split a bad line where records start; a damaged newline joins two records."""
+def salvage(line: bytes) -> list[tuple[int, bytes, bool]]:
+    """Split a bad line where records start: (offset in the line, piece, whether it is
+    a good record). A damaged newline joins two records; this gets the second back."""
     starts = []
     at = line.find(_RECORD_START, 1)
     while at >= 0:

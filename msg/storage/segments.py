@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -120,8 +121,10 @@ class Segment:
     mark_offsets: list[int] = field(default_factory=list)
     unmarked: int = SPARSE_INDEX_BYTES
     """Bytes written since the last mark (starts full: the first record gets one)."""
-    bad_offsets: set[int] = field(default_factory=set)
-    """Corrupt records already reported, so a read logs each once."""
+    bad_regions: list[tuple[int, int]] = field(default_factory=list)
+    """(start, end) of the damage already reported, so a read logs each once."""
+    corrupt: bool = False
+    """Recovery found a corrupt record here: the file goes to lost+found, not away."""
 
     def add_topic_record(self, position: int, offset: int, length: int) -> None:
         if self.unmarked >= SPARSE_INDEX_BYTES:
@@ -152,6 +155,11 @@ def read_topic_segment(
                 break
             last_newline = data.rfind(b"\n")
             if last_newline < 0:
+                if offset + len(data) >= stop:
+                    # No newline up to the end: a damaged tail (recovery reported it).
+                    # Reading "more" would read the same bytes forever.
+                    _report_bad(segment, offset, offset + len(data))
+                    break
                 # One record larger than the chunk: read more at once.
                 chunk *= 2
                 continue
@@ -159,23 +167,45 @@ def read_topic_segment(
             for line in data[:last_newline].split(b"\n"):
                 here = line_offset
                 line_offset += len(line) + 1
+                good: Sequence[bytes] = (line,)
                 if not records.valid(line) or not records.is_pub(line):
-                    if here not in segment.bad_offsets:
-                        segment.bad_offsets.add(here)
-                        logger.error(
-                            "corrupt record in %s at offset %d skipped on read", segment.path, here
-                        )
-                    continue
-                header, payload = records.parse_pub(line)
-                position = header["seq"]
-                if position < start:
-                    continue
-                if position >= end:
-                    return
-                out.append(TopicMessage(position, header["id"], payload, header["ts"]))
-                if len(out) >= limit:
-                    return
+                    good = _salvage(segment, line, here)
+                for record in good:
+                    header, payload = records.parse_pub(record)
+                    position = header["seq"]
+                    if position < start:
+                        continue
+                    if position >= end:
+                        return
+                    out.append(TopicMessage(position, header["id"], payload, header["ts"]))
+                    if len(out) >= limit:
+                        return
             offset += last_newline + 1
     finally:
         if own:
             fs.close(fd)
+
+
+def _salvage(segment: Segment, line: bytes, offset: int) -> list[bytes]:
+    """The good ``pub`` records in a bad line (a damaged newline glues a good record to
+    a bad one, as recovery knows too); reports the damage where recovery's scan does."""
+    good: list[bytes] = []
+    pieces = records.salvage(line)
+    for k, (start, piece, ok) in enumerate(pieces):
+        if not ok:
+            _report_bad(segment, offset + start, offset + start + len(piece))
+            continue
+        if records.is_pub(piece):
+            good.append(piece)
+        if k + 1 < len(pieces):  # the byte after it should have been a newline
+            _report_bad(segment, offset + start + len(piece), offset + start + len(piece) + 1)
+    return good
+
+
+def _report_bad(segment: Segment, start: int, end: int) -> None:
+    """Log damage found by a read, unless recovery or an earlier read reported it."""
+    regions = segment.bad_regions
+    if any(low <= start < high for low, high in regions):
+        return
+    regions.append((start, end))
+    logger.error("corrupt record in %s at offset %d skipped on read", segment.path, start)
