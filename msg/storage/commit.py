@@ -6,42 +6,85 @@ Writers write on the event loop thread (into the page cache: fast), tell the
 :class:`GroupCommit` what they dirtied, and ask to be called back once everything
 written so far is durable. Each write bumps a generation counter. A sync round
 snapshots the dirty files and directories and the current generation, then fsyncs
-them on a dedicated single-thread executor. While a round runs, new writes go ahead
-and their callbacks wait for the *next* round, which starts as soon as the current
-one ends and covers everything written up to its start. So under load one fsync
-serves many batches, and at most two rounds are ever waited for.
+them off the loop (the round runs on the store's single storage thread, so rounds
+never overlap). While a round runs, new writes go ahead and their callbacks wait for
+the *next* round, which starts as soon as the current one ends and covers everything
+written up to its start. So under load one fsync per file serves many batches, and
+at most two rounds are ever waited for.
+
+Within a round the fsyncs run in parallel, on the storage thread plus a small pool
+(:data:`SYNC_THREADS` in all): with many topics a round has one dirty file per topic
+written, and N fsyncs one after another would cost N disk latencies, while issued
+together the file system commits them in a few shared journal transactions
+(measured here: 240 us per fdatasync one at a time, 105 us with 8 threads, 92 us
+with 16). Files go first, then directories: a new segment or a rename is durable
+only when its directory entry is, and an entry made durable must point at data that
+is. Every directory changed in a round is synced once, however many entries changed
+(a batch creating 2,000 topics syncs ``topics/`` once).
 
 Callbacks run on the loop thread in the order they were registered, right when
 their round completes. Stores do their bookkeeping inside the callbacks (a message
 becomes claimable, a settle takes effect), not after an ``await``, so a caller
 being cancelled cannot leave the index half updated.
 
-Directories are synced after files: a new segment or a rename is durable only when
-its directory entry is. A failed sync is final: its error is handed to every waiting
-and every later callback and to ``on_failure`` (the store turns read-only). Retrying
-an fsync after an error and then reporting success would be a lie: Linux may have
-already dropped the dirty pages it could not write.
+Closing descriptors (:meth:`close_fd`). Rounds fsync by descriptor, so one with
+writes not yet synced stays open until a round has synced it; an idle one is closed
+at once. A dirty descriptor to be closed starts a round if none is coming: under
+``always`` one nearly always is, and under ``everysec`` and ``never`` such a round
+syncs only the descriptors being closed (a *partial* round: it vouches for nothing
+else and releases no callback). That is the price of a bounded file cache with more
+active logs than it holds: a log file is fsynced before its descriptor is given up.
+
+A failed fsync is final: its error is handed to every waiting and every later
+callback and to ``on_failure`` (the store turns read-only). Retrying an fsync after
+an error and then reporting success would be a lie: Linux may have already dropped
+the dirty pages it could not write.
+
+Running out of descriptors is not a disk fault. A path synced by a round (a new
+``meta.json``, a directory) must be opened first; if that open fails with
+EMFILE/ENFILE, nothing was synced and nothing lost, so the round puts the path back
+as dirty, asks the store to free descriptors (``on_exhausted``), and the round is
+tried again after a short pause, its callbacks still waiting. After
+:data:`EXHAUSTED_RETRIES` tries in a row the callbacks it owes get the error (their
+items fail with ``storage_error``) without any failure being recorded: the store
+stays writable and the next round syncs the path.
 
 Only :attr:`FsyncPolicy.ALWAYS` waits; under EVERYSEC and NEVER callbacks run at
-once and rounds happen only when the store asks (:meth:`sync_now`).
+once and rounds happen only when the store asks (:meth:`sync_now`) or a dirty
+descriptor is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Executor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from functools import partial
+from typing import Final
 
 from msg.persistence import FsyncPolicy
+from msg.storage.files import FD_EXHAUSTED
 from msg.storage.fs import FileSystem
 
-__all__ = ["Callback", "GroupCommit"]
+__all__ = ["EXHAUSTED_RETRIES", "SYNC_THREADS", "Callback", "GroupCommit"]
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[OSError | None], None]
+
+# Threads issuing one round's fsyncs together (the storage thread is one of them).
+# Measured on the development machine's ext4 (virtual disk): 8 cut the time of a
+# round of 400 small fdatasyncs 2.3x; 16 gained 12% more, 32 nothing.
+SYNC_THREADS: Final = 8
+# Tries of a round whose paths could not be opened (EMFILE/ENFILE) before the
+# callbacks it owes fail: the pauses in between (10, 40, 160 ms) give sockets time to
+# close, short enough that a publisher sees an answer within a fraction of a second.
+EXHAUSTED_RETRIES: Final = 4
+_FIRST_PAUSE: Final = 0.01
 
 
 class GroupCommit:
@@ -54,21 +97,31 @@ class GroupCommit:
         loop: asyncio.AbstractEventLoop,
         executor: Executor,
         on_failure: Callable[[OSError], None],
+        *,
+        on_exhausted: Callable[[], object] | None = None,
+        sync_threads: int = SYNC_THREADS,
     ) -> None:
         self._fs = fs
         self._policy = policy
         self._loop = loop
         self._executor = executor
         self._on_failure = on_failure
+        self._on_exhausted = on_exhausted
+        self._threads = max(1, sync_threads)
+        self._pool: ThreadPoolExecutor | None = None
+        """Created on the first round that has more than one thing to sync."""
         self._written = 0
         self._synced = 0
         self._dirty_fds: set[int] = set()
         self._dirty_paths: dict[str, None] = {}
         self._dirty_dirs: dict[str, None] = {}
         self._waiters: deque[tuple[int, Callback]] = deque()
-        self._round: asyncio.Future[None] | None = None
+        self._round: asyncio.Future[tuple[list[str], list[str]]] | None = None
         self._busy: frozenset[int] = frozenset()
         self._closing: set[int] = set()
+        self._exhausted = 0
+        """Rounds in a row that could not open a path to sync (EMFILE/ENFILE)."""
+        self._retry: asyncio.TimerHandle | None = None
         self.failure: OSError | None = None
 
     # -- what writers report -------------------------------------------------------
@@ -91,25 +144,50 @@ class GroupCommit:
     def dirty(self) -> bool:
         return self._synced < self._written
 
+    def idle(self, fd: int) -> bool:
+        """True if closing ``fd`` now loses nothing: no unsynced writes, no round using it."""
+        return fd not in self._dirty_fds and fd not in self._busy
+
     def close_fd(self, fd: int) -> None:
-        """Close ``fd`` once no sync round needs it any more."""
-        self._closing.add(fd)
-        self._close_idle()
+        """Close ``fd`` now if idle, else once a sync round has synced it.
+
+        Starts that round if none is running (see the module docstring).
+        """
+        if fd in self._busy or (fd in self._dirty_fds and self.failure is None):
+            self._closing.add(fd)
+            if self._round is None and fd not in self._busy:
+                self._start()
+            return
+        self._dirty_fds.discard(fd)  # after a failure no round will sync it
+        self._close(fd)
 
     def close_all(self) -> None:
         """Close every deferred descriptor now (the store is closing; no rounds follow)."""
         self._dirty_fds.clear()
         self._close_idle()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _close_idle(self) -> None:
-        for fd in [
-            fd for fd in self._closing if fd not in self._dirty_fds and fd not in self._busy
-        ]:
+        closable = [
+            fd
+            for fd in self._closing
+            if fd not in self._busy and (fd not in self._dirty_fds or self.failure is not None)
+        ]
+        for fd in closable:
             self._closing.discard(fd)
-            try:
-                self._fs.close(fd)
-            except OSError as exc:
-                logger.error("closing a log file failed: %s", exc)
+            self._dirty_fds.discard(fd)
+            self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        try:
+            self._fs.close(fd)
+        except OSError as exc:
+            logger.error("closing a log file failed: %s", exc)
 
     # -- waiting for durability ----------------------------------------------------
 
@@ -143,40 +221,101 @@ class GroupCommit:
         await future
 
     async def drain(self) -> None:
-        """Wait for a running sync round to end (success or not)."""
+        """Wait for a running sync round to end (success or not), and any it starts."""
         while self._round is not None:
             await asyncio.wait([self._round])
 
     # -- sync rounds ---------------------------------------------------------------
 
     def _start(self) -> None:
-        fds = list(self._dirty_fds)
-        paths = list(self._dirty_paths)
-        dirs = list(self._dirty_dirs)
-        self._dirty_fds.clear()
-        self._dirty_paths.clear()
-        self._dirty_dirs.clear()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        full = bool(self._waiters)
+        if full:
+            fds = list(self._dirty_fds)
+            paths = list(self._dirty_paths)
+            dirs = list(self._dirty_dirs)
+            self._dirty_fds.clear()
+            self._dirty_paths.clear()
+            self._dirty_dirs.clear()
+        else:
+            # Only descriptors waiting to be closed: a partial round (module docstring).
+            dirty = self._dirty_fds
+            fds = [fd for fd in self._closing if fd in dirty]
+            dirty.difference_update(fds)
+            paths, dirs = [], []
         self._busy = frozenset(fds)
         target = self._written
         round_ = self._loop.run_in_executor(self._executor, self._sync, fds, paths, dirs)
         self._round = round_
-        round_.add_done_callback(lambda done: self._finished(done, target))
+        round_.add_done_callback(lambda done: self._finished(done, target, full))
 
-    def _sync(self, fds: list[int], paths: list[str], dirs: list[str]) -> None:
-        # Runs on the sync thread. Files before directories: an entry made durable
-        # must point at data that is.
+    def _sync(
+        self, fds: list[int], paths: list[str], dirs: list[str]
+    ) -> tuple[list[str], list[str]]:
+        """Runs on the storage thread: files, then directories, each group in parallel.
+
+        Returns the paths and directories that could not be opened for want of a
+        descriptor (not synced; a disk error raises instead).
+        """
         fs = self._fs
-        for fd in fds:
-            fs.sync(fd)
-        for path in paths:
-            fs.sync_path(path)
-        for path in dirs:
-            fs.sync_path(path)
+        missed_paths: list[str] = []
+        missed_dirs: list[str] = []
 
-    def _finished(self, done: asyncio.Future[None], target: int) -> None:
+        def sync_path(path: str, missed: list[str]) -> None:
+            try:
+                fs.sync_path(path)
+            except OSError as exc:
+                if exc.errno not in FD_EXHAUSTED:
+                    raise
+                missed.append(path)  # list.append is atomic: threads may share it
+
+        files: list[Callable[[], None]] = [partial(fs.sync, fd) for fd in fds]
+        files += [partial(sync_path, path, missed_paths) for path in paths]
+        self._parallel(files)
+        self._parallel([partial(sync_path, path, missed_dirs) for path in dirs])
+        return missed_paths, missed_dirs
+
+    def _parallel(self, jobs: list[Callable[[], None]]) -> None:
+        """Run ``jobs`` on this thread and up to SYNC_THREADS - 1 pool threads; raise
+        the first error once all have stopped (after an error no new job starts)."""
+        if len(jobs) <= 1 or self._threads == 1:
+            for job in jobs:
+                job()
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self._threads - 1, thread_name_prefix="msg-sync"
+            )
+        todo: Iterator[Callable[[], None]] = iter(jobs)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            # next() on a list iterator is atomic under the GIL: each job runs once.
+            for job in todo:
+                if errors:
+                    return
+                try:
+                    job()
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+
+        helpers = [self._pool.submit(work) for _ in range(min(len(jobs), self._threads) - 1)]
+        work()
+        for helper in helpers:
+            helper.result()
+        if errors:
+            raise errors[0]
+
+    def _finished(
+        self, done: asyncio.Future[tuple[list[str], list[str]]], target: int, full: bool
+    ) -> None:
         self._round = None
         self._busy = frozenset()
         error: OSError | None = None
+        missed: tuple[list[str], list[str]] = ([], [])
         if done.cancelled():
             error = OSError("sync round cancelled")
         else:
@@ -187,6 +326,8 @@ class GroupCommit:
                 # A bug, not a disk fault; still nothing written can be vouched for.
                 logger.error("sync round failed unexpectedly", exc_info=raised)
                 error = OSError(f"sync failed: {raised!r}")
+            else:
+                missed = done.result()
         if error is not None and self.failure is None:
             self.failure = error
             self._on_failure(error)
@@ -194,13 +335,46 @@ class GroupCommit:
         if self.failure is not None:
             while waiters:
                 _run(waiters.popleft()[1], self.failure)
+        elif missed[0] or missed[1]:
+            self._missed(missed, target)
         else:
-            self._synced = target
-            while waiters and waiters[0][0] <= target:
-                _run(waiters.popleft()[1], None)
-            if waiters:
+            self._exhausted = 0
+            if full:
+                self._synced = target
+                while waiters and waiters[0][0] <= target:
+                    _run(waiters.popleft()[1], None)
+            if waiters or any(fd in self._dirty_fds for fd in self._closing):
                 self._start()
         self._close_idle()
+
+    def _missed(self, missed: tuple[list[str], list[str]], target: int) -> None:
+        """A round could not open some paths (no descriptor free): retry, or give up on
+        the callbacks it owes after EXHAUSTED_RETRIES tries (see the module docstring)."""
+        paths, dirs = missed
+        self._dirty_paths.update(dict.fromkeys(paths))
+        self._dirty_dirs.update(dict.fromkeys(dirs))
+        self._exhausted += 1
+        if self._on_exhausted is not None:
+            self._on_exhausted()
+        if self._exhausted >= EXHAUSTED_RETRIES:
+            logger.error(
+                "cannot sync %s: out of file descriptors after %d tries; the writes "
+                "waiting for it fail with storage_error, and it is synced again later",
+                (paths or dirs)[0],
+                self._exhausted,
+            )
+            self._exhausted = 0
+            error = OSError(errno.EMFILE, os.strerror(errno.EMFILE), (paths or dirs)[0])
+            waiters = self._waiters
+            while waiters and waiters[0][0] <= target:
+                _run(waiters.popleft()[1], error)
+        pause = _FIRST_PAUSE * 4 ** max(0, self._exhausted - 1)
+        self._retry = self._loop.call_later(pause, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._round is None and self.failure is None and self._waiters:
+            self._start()
 
 
 def _resolve(future: asyncio.Future[None], error: OSError | None) -> None:

@@ -135,6 +135,7 @@ from msg.persistence import (
 from msg.storage import records
 from msg.storage.commit import GroupCommit
 from msg.storage.filenames import encode_name, segment_file_name
+from msg.storage.files import FD_EXHAUSTED, LogFile, OpenFiles, default_limit
 from msg.storage.fs import FileSystem, make_durable_dirs
 from msg.storage.index import (
     DEAD_LETTER_PREFIX,
@@ -159,7 +160,7 @@ from msg.storage.logs import (
     recover_topic,
 )
 from msg.storage.lostfound import LOST_FOUND, copy_aside, move_aside
-from msg.storage.segments import SPARSE_INDEX_BYTES, LogFile, Segment, read_topic_segment
+from msg.storage.segments import SPARSE_INDEX_BYTES, Segment, read_topic_segment
 
 __all__ = ["COMPACT_LIVE_RATIO", "DEFAULT_SEGMENT_BYTES", "FREE_CHECK_INTERVAL", "FileStore"]
 
@@ -253,23 +254,31 @@ class FileStore:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         min_free_bytes: int = 0,
         free_check_interval: float = FREE_CHECK_INTERVAL,
+        max_open_files: int | None = None,
         fs: FileSystem | None = None,
     ) -> None:
         """A store in ``data_dir`` (created if missing); nothing is read until :meth:`open`.
 
         ``min_free_bytes``: refuse publishes while the file system has less free (0:
         never; see the module docstring). ``free_check_interval``: seconds between two
-        reads of the free space. ``fs``: the file-system seam (tests inject faults).
+        reads of the free space. ``max_open_files``: log files kept open at most
+        (None: a quarter of the soft RLIMIT_NOFILE, see :mod:`.files`). ``fs``: the
+        file-system seam (tests inject faults).
         """
         if segment_bytes <= 0:
             raise ValueError(f"segment_bytes must be positive, not {segment_bytes}")
         if min_free_bytes < 0:
             raise ValueError(f"min_free_bytes must not be negative, not {min_free_bytes}")
+        if max_open_files is not None and max_open_files < 1:
+            raise ValueError(f"max_open_files must be at least 1, not {max_open_files}")
         self._root = os.path.abspath(os.fspath(data_dir))
         self._policy = fsync
         self._retention = retention
         self._segment_bytes = segment_bytes
         self._fs = fs if fs is not None else FileSystem()
+        self._files = OpenFiles(
+            self._fs, default_limit() if max_open_files is None else max_open_files
+        )
         self._index = Index(max_queue_messages)
         self._queues: dict[str, QueueLog] = {}
         self._topics: dict[str, TopicLog] = {}
@@ -318,16 +327,26 @@ class FileStore:
             self._closed = True
             raise
         self._loop = loop
-        self._commit = GroupCommit(self._fs, self._policy, loop, self._executor, self._sync_failed)
+        self._commit = GroupCommit(
+            self._fs,
+            self._policy,
+            loop,
+            self._executor,
+            self._sync_failed,
+            on_exhausted=self._files.shed,
+        )
+        self._files.commit = self._commit
         if self._min_free:
             self._check_free(time.monotonic())
         logger.info(
-            "opened %s: %d queues (%d ready messages), %d topics in %.3f s",
+            "opened %s: %d queues (%d ready messages), %d topics in %.3f s; at most %d "
+            "log files open",
             self._root,
             len(recovery.queues),
             sum(recovery.queues.values()),
             len(recovery.topics),
             time.perf_counter() - started,
+            self._files.limit,
         )
         return recovery
 
@@ -351,17 +370,11 @@ class FileStore:
             self._executor.shutdown(wait=True)
 
     def _release_files(self) -> None:
-        fs = self._fs
-        for log in [*self._queues.values(), *self._topics.values()]:
-            for segment in log.segments:
-                if segment.file is not None:
-                    _close_quietly(fs, segment.file.fd)
-                    segment.file = None
-            if isinstance(log, TopicLog) and log.cursors is not None:
-                _close_quietly(fs, log.cursors.fd)
-                log.cursors = None
+        # Every log file's descriptor is in the cache, or deferred in the group commit.
+        self._files.commit = None
+        self._files.close_all()
         if self._lock_fd is not None:
-            fs.unlock(self._lock_fd)
+            self._fs.unlock(self._lock_fd)
             self._lock_fd = None
 
     def _ready(self) -> GroupCommit:
@@ -426,11 +439,15 @@ class FileStore:
         file = segment if isinstance(segment, LogFile) else segment.file
         assert file is not None, "only the active segment is written"
         try:
-            file.append(data)
+            fd = file.append(data)
         except OSError as exc:
             if exc.errno in _FULL_ERRNOS and not file.damaged:
                 self._disk_full(f"cannot write to {file.path}: {exc.strerror}")
                 return StoreFailure.STORAGE_FULL
+            if exc.errno in FD_EXHAUSTED:
+                # The file could not be opened: nothing written, so nothing to vouch
+                # for; these items fail and the store stays writable (see .files).
+                return StoreFailure.STORAGE_ERROR
             self._set_read_only(f"write to {file.path} failed: {exc}")
             return StoreFailure.STORAGE_ERROR
         if self._full:
@@ -443,7 +460,7 @@ class FileStore:
                 self._set_low(True)
         if isinstance(segment, Segment):
             segment.size = file.size
-        self._ready().wrote(file.fd)
+        self._ready().wrote(fd)
         return None
 
     def _active(self, log: Log, next_number: int) -> Segment:
@@ -461,7 +478,7 @@ class FileStore:
         number = max(next_number, segment.number + 1)
         path = os.path.join(log.dir, segment_file_name(number))
         try:
-            file = LogFile.open(self._fs, path)
+            file = LogFile.create(self._files, path)
         except OSError as exc:
             logger.error("cannot start segment %s: %s", path, exc)
             return None
@@ -470,14 +487,28 @@ class FileStore:
         old = segment.file
         if old is not None:
             segment.size = old.size
-            commit.close_fd(old.fd)
+            self._files.release(old)
             segment.file = None
         fresh = Segment(number, path, size=file.size, file=file)
         log.add(fresh)
         return fresh
 
     def _create_log(self, kind: Kind, name: str) -> QueueLog | TopicLog:
-        """Make the directory, meta.json and first segment of a new queue or topic."""
+        """Make the directory, meta.json and first segment of a new queue or topic.
+
+        Out of descriptors (EMFILE/ENFILE): shed idle files and try once more (every
+        step can be redone); then the OSError goes to the caller, which fails the
+        items without turning the store read-only (see :mod:`.files`).
+        """
+        try:
+            return self._make_log(kind, name)
+        except OSError as exc:
+            if exc.errno not in FD_EXHAUSTED:
+                raise
+            self._files.shed()
+            return self._make_log(kind, name)
+
+    def _make_log(self, kind: Kind, name: str) -> QueueLog | TopicLog:
         fs = self._fs
         commit = self._ready()
         base = os.path.join(self._root, _QUEUES if kind is Kind.QUEUE else _TOPICS)
@@ -487,9 +518,11 @@ class FileStore:
         fs.write_file(meta + _TMP, records.meta_bytes(kind.value, name))
         fs.rename(meta + _TMP, meta)
         path = os.path.join(directory, segment_file_name(0))
-        file = LogFile.open(fs, path)
+        file = LogFile.create(self._files, path)
         if file.size:
-            file.truncate(0)  # left by an earlier attempt that failed half-way
+            # Left by an earlier attempt that failed half-way.
+            fs.truncate(file.descriptor(), 0)
+            file.size = 0
         commit.created(meta)
         commit.changed_dir(directory)
         commit.changed_dir(base)
@@ -532,6 +565,12 @@ class FileStore:
         if exc.errno in _FULL_ERRNOS:
             self._disk_full(f"cannot create the log of {name!r}: {exc.strerror}")
             return Appended(failure=StoreFailure.STORAGE_FULL, detail="no space to create the log")
+        if exc.errno in FD_EXHAUSTED:
+            # Transient (logged by the file cache); the store stays writable.
+            return Appended(
+                failure=StoreFailure.STORAGE_ERROR,
+                detail=f"cannot create the log now: {exc.strerror}",
+            )
         self._set_read_only(f"cannot create the log of {name!r}: {exc}")
         return Appended(failure=StoreFailure.STORAGE_ERROR, detail=f"cannot create the log: {exc}")
 
@@ -902,7 +941,7 @@ class FileStore:
             at = max(bisect.bisect_right(log.numbers, start) - 1, 0)
             try:
                 for segment in log.segments[at:]:
-                    read_topic_segment(self._fs, segment, start, end, limit, out)
+                    read_topic_segment(self._files, segment, start, end, limit, out)
                     if len(out) >= limit or segment.number >= end:
                         break
             except OSError as exc:
@@ -916,12 +955,13 @@ class FileStore:
         if log.cursors is None:
             path = os.path.join(log.dir, CURSORS)
             try:
-                log.cursors = LogFile.open(self._fs, path)
+                log.cursors = LogFile.create(self._files, path)
             except OSError as exc:
                 full = exc.errno in _FULL_ERRNOS
-                logger.error("cannot create %s: %s", path, exc)
-                if not full:
-                    self._set_read_only(f"cannot create {path}: {exc}")
+                if exc.errno not in FD_EXHAUSTED:  # that one is transient, logged by the cache
+                    logger.error("cannot create %s: %s", path, exc)
+                    if not full:
+                        self._set_read_only(f"cannot create {path}: {exc}")
                 return StoreFailure.STORAGE_FULL if full else StoreFailure.STORAGE_ERROR
             self._ready().changed_dir(log.dir)
         failure = self._write(log.cursors, data)
@@ -1125,7 +1165,7 @@ class FileStore:
             logger.error("cannot delete segment %s: %s", segment.path, exc)
             return False
         if segment.file is not None:
-            commit.close_fd(segment.file.fd)
+            self._files.release(segment.file)
             segment.file = None
         log.drop_oldest()
         commit.changed_dir(log.dir)
@@ -1239,14 +1279,14 @@ class FileStore:
             return
         try:
             fs.rename(path + _TMP, path)
-            fresh = LogFile.open(fs, path)
         except OSError as exc:
             self._set_read_only(f"cannot replace {path}: {exc}")
             return
-        commit = self._ready()
-        commit.close_fd(log.cursors.fd)
-        commit.changed_dir(log.dir)
-        log.cursors = fresh
+        # The old descriptor is the replaced file's: let it go (once synced). The new
+        # file is opened when next written.
+        self._files.release(log.cursors)
+        self._ready().changed_dir(log.dir)
+        log.cursors = LogFile(self._files, path, len(data))
         log.cursor_records = len(cursors)
         log.cursors_corrupt = False
 
@@ -1272,12 +1312,12 @@ class FileStore:
                     if kind is Kind.QUEUE:
                         queue = self._index.queue(name)
                         self._queues[name] = recover_queue(
-                            fs, self._root, name, directory, queue, counts
+                            fs, self._files, self._root, name, directory, queue, counts
                         )
                     else:
                         topic = self._index.topic(name)
                         self._topics[name] = recover_topic(
-                            fs, self._root, name, directory, topic, counts
+                            fs, self._files, self._root, name, directory, topic, counts
                         )
         except OSError as exc:
             if isinstance(exc, StorageError):
@@ -1385,13 +1425,6 @@ def _set_result(future: asyncio.Future[list[Appended]], value: list[Appended]) -
 def _set_settled(future: asyncio.Future[list[Settled]], value: list[Settled]) -> None:
     if not future.done():
         future.set_result(value)
-
-
-def _close_quietly(fs: FileSystem, fd: int) -> None:
-    try:
-        fs.close(fd)
-    except OSError as exc:
-        logger.error("closing a log file failed: %s", exc)
 
 
 def _remove_quietly(fs: FileSystem, path: str) -> None:

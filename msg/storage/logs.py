@@ -3,8 +3,9 @@
 Theory of operation
 -------------------
 A :class:`Log` is the ordered list of segment files of one queue or topic; the last
-one is open and written. :func:`recover_queue` and :func:`recover_topic` run once, at
-start-up, on the storage thread: they read every segment, check every record
+one is written (through the store's file cache: recovery leaves every file closed).
+:func:`recover_queue` and :func:`recover_topic` run once, at start-up, on the
+storage thread: they read every segment, check every record
 (:func:`msg.storage.records.scan`), and replay the good ones. An intact segment's
 records are decoded with one JSON decode (:func:`msg.storage.records.parse_all`);
 one that has a record that does not decode is parsed line by line, so only that
@@ -38,10 +39,11 @@ from typing import Any, Final
 
 from msg.storage import records
 from msg.storage.filenames import decode_name, segment_file_name, segment_number
+from msg.storage.files import LogFile, OpenFiles
 from msg.storage.fs import FileSystem
 from msg.storage.index import DEDUP_WINDOW, QueueIndex, Run, TopicIndex
 from msg.storage.lostfound import copy_aside
-from msg.storage.segments import LogFile, Segment
+from msg.storage.segments import Segment
 
 __all__ = [
     "CURSORS",
@@ -139,49 +141,47 @@ def _segment_numbers(fs: FileSystem, directory: str) -> list[int]:
 
 def _load(
     fs: FileSystem, root: str, path: str, last: bool, counts: Counts
-) -> tuple[records.Scan, LogFile | None, int]:
-    """Read and check one log file; the last one of a log is opened for appending.
+) -> tuple[records.Scan, int]:
+    """Read and check one log file; cut a torn tail off the last one of a log.
 
-    Returns the scan, the open file (last only) and the length of the good data.
+    Returns the scan and the length of the good data. No descriptor stays open: the
+    file cache opens the active file when it is first written (a store with 100,000
+    logs must start without 100,000 descriptors).
     """
-    file = LogFile.open(fs, path) if last else None
-    try:
-        data = fs.read_file(path)
-        scan = records.scan(data)
-        for offset, length in scan.corrupt:
+    data = fs.read_file(path)
+    scan = records.scan(data)
+    for offset, length in scan.corrupt:
+        counts.corrupt += 1
+        logger.error("corrupt record in %s at offset %d (%d bytes) skipped", path, offset, length)
+    size = len(data)
+    if scan.torn is not None:
+        if last:
+            counts.torn += 1
+            logger.warning(
+                "torn write at the end of %s at offset %d (%d bytes) cut off",
+                path,
+                scan.torn,
+                len(data) - scan.torn,
+            )
+            if scan.corrupt:
+                # Cutting is a rewrite: the corrupt records' file goes aside first.
+                kept = copy_aside(fs, root, path, data)
+                logger.warning("kept the original of %s as %s", path, kept)
+            fd = fs.open(path)
+            try:
+                fs.truncate(fd, scan.torn)
+            finally:
+                fs.close(fd)
+            size = scan.torn
+        else:
             counts.corrupt += 1
             logger.error(
-                "corrupt record in %s at offset %d (%d bytes) skipped", path, offset, length
+                "corrupt record at the end of %s at offset %d (%d bytes) skipped",
+                path,
+                scan.torn,
+                len(data) - scan.torn,
             )
-        size = len(data)
-        if scan.torn is not None:
-            if file is not None:
-                counts.torn += 1
-                logger.warning(
-                    "torn write at the end of %s at offset %d (%d bytes) cut off",
-                    path,
-                    scan.torn,
-                    len(data) - scan.torn,
-                )
-                if scan.corrupt:
-                    # Cutting is a rewrite: the corrupt records' file goes aside first.
-                    kept = copy_aside(fs, root, path, data)
-                    logger.warning("kept the original of %s as %s", path, kept)
-                file.truncate(scan.torn)
-                size = scan.torn
-            else:
-                counts.corrupt += 1
-                logger.error(
-                    "corrupt record at the end of %s at offset %d (%d bytes) skipped",
-                    path,
-                    scan.torn,
-                    len(data) - scan.torn,
-                )
-    except BaseException:
-        if file is not None:
-            fs.close(file.fd)
-        raise
-    return scan, file, size
+    return scan, size
 
 
 def holds_records(fs: FileSystem, directory: str) -> bool:
@@ -220,18 +220,28 @@ def rebuild_meta(fs: FileSystem, root: str, kind: str, directory: str) -> str | 
     return name
 
 
-def _first_segment(fs: FileSystem, directory: str) -> list[Segment]:
+def _first_segment(fs: FileSystem, files: OpenFiles, directory: str) -> list[Segment]:
+    """A log without segments (a crash cut its creation short) gets its first one, made
+    durable in its directory now: writes to it will be acked."""
     path = os.path.join(directory, segment_file_name(0))
-    return [Segment(0, path, file=LogFile.open(fs, path))]
+    fs.close(fs.open(path))
+    fs.sync_path(directory)
+    return [Segment(0, path, file=LogFile(files, path, 0))]
 
 
 def recover_queue(
-    fs: FileSystem, root: str, name: str, directory: str, queue: QueueIndex, counts: Counts
+    fs: FileSystem,
+    files: OpenFiles,
+    root: str,
+    name: str,
+    directory: str,
+    queue: QueueIndex,
+    counts: Counts,
 ) -> QueueLog:
-    """Replay a queue's segments into ``queue``; the newest is opened for appending."""
+    """Replay a queue's segments into ``queue``; the newest is the one to append to."""
     numbers = _segment_numbers(fs, directory)
     if not numbers:
-        return QueueLog(name, directory, _first_segment(fs, directory), queue)
+        return QueueLog(name, directory, _first_segment(fs, files, directory), queue)
     # seq -> (fields of its pub record, payload, segment number)
     by_seq: dict[int, tuple[dict[str, Any], bytes, int]] = {}
     segments: list[Segment] = []
@@ -240,7 +250,9 @@ def recover_queue(
     for k, number in enumerate(numbers):
         path = os.path.join(directory, segment_file_name(number))
         corrupt_before = counts.corrupt
-        scan, file, size = _load(fs, root, path, k == len(numbers) - 1, counts)
+        last = k == len(numbers) - 1
+        scan, size = _load(fs, root, path, last, counts)
+        file = LogFile(files, path, size) if last else None
         segment = Segment(number, path, size=size, file=file)
         segments.append(segment)
         by_number[number] = segment
@@ -352,7 +364,13 @@ _TS: Final = itemgetter("ts")
 
 
 def recover_topic(
-    fs: FileSystem, root: str, name: str, directory: str, topic: TopicIndex, counts: Counts
+    fs: FileSystem,
+    files: OpenFiles,
+    root: str,
+    name: str,
+    directory: str,
+    topic: TopicIndex,
+    counts: Counts,
 ) -> TopicLog:
     """Scan a topic's segments and cursors into ``topic``; payloads stay on disk."""
     numbers = _segment_numbers(fs, directory)
@@ -362,10 +380,12 @@ def recover_topic(
     for k, number in enumerate(numbers):
         path = os.path.join(directory, segment_file_name(number))
         corrupt_before = counts.corrupt
-        scan, file, size = _load(fs, root, path, k == len(numbers) - 1, counts)
+        last = k == len(numbers) - 1
+        scan, size = _load(fs, root, path, last, counts)
+        file = LogFile(files, path, size) if last else None
         segment = Segment(number, path, size=size, file=file)
         segment.bad_regions.extend((offset, offset + length) for offset, length in scan.corrupt)
-        if scan.torn is not None and file is None:
+        if scan.torn is not None and not last:
             segment.bad_regions.append((scan.torn, size))  # reported above, as corrupt
         segments.append(segment)
         for offset, line, header, payload in _parsed(scan, path, counts):
@@ -387,22 +407,24 @@ def recover_topic(
             last_position = position
         segment.corrupt = counts.corrupt > corrupt_before
     if not segments:
-        segments = _first_segment(fs, directory)
+        segments = _first_segment(fs, files, directory)
     log = TopicLog(name, directory, segments, topic)
     topic.first = segments[0].number
     topic.end = topic.next_position = max(last_position + 1, segments[-1].number)
     topic.bytes = log.bytes
-    _recover_cursors(fs, root, log, counts)
+    _recover_cursors(fs, files, root, log, counts)
     return log
 
 
-def _recover_cursors(fs: FileSystem, root: str, log: TopicLog, counts: Counts) -> None:
+def _recover_cursors(
+    fs: FileSystem, files: OpenFiles, root: str, log: TopicLog, counts: Counts
+) -> None:
     path = os.path.join(log.dir, CURSORS)
     if not fs.exists(path):
         return
     corrupt_before = counts.corrupt
-    scan, file, _ = _load(fs, root, path, True, counts)
-    log.cursors = file
+    scan, size = _load(fs, root, path, True, counts)
+    log.cursors = LogFile(files, path, size)
     cursors = log.index.cursors
     for line, offset in zip(scan.records, scan.offsets, strict=True):
         try:

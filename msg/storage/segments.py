@@ -2,26 +2,21 @@
 
 Theory of operation
 -------------------
-A :class:`LogFile` appends with one ``pwrite`` per batch at the offset it tracks
-itself. If a write fails (disk full) or is cut short, the file is truncated back to
-its last good length, so no partial record stays behind and the next batch lands
-where the failed one would have. Only if that truncate fails too is the file
-``damaged``: the store then stops writing.
-
-A :class:`Segment` is one numbered file of a log plus the counts the store needs
-without reading it: for queues the live messages it holds (beanstalkd's walg keeps
-the same count; the oldest segment can go once it reaches zero) and how many
-``pub`` records it has (to judge compaction); for topics the message count, payload
-bytes, newest timestamp (for retention) and a sparse index, one (position, offset)
-mark per :data:`SPARSE_INDEX_BYTES`, so a read seeks near its position and scans at
-most that many bytes of records it does not want. Topic payloads stay on disk;
-:func:`read_topic_segment` reads them with ``pread``, in chunks.
+The active (newest) segment of a log has a :class:`~msg.storage.files.LogFile`, which
+appends with one ``pwrite`` per batch and is open only while the store's file cache
+holds it (:mod:`msg.storage.files`). A :class:`Segment` is one numbered file of a log
+plus the counts the store needs without reading it: for queues the live messages it
+holds (beanstalkd's walg keeps the same count; the oldest segment can go once it
+reaches zero) and how many ``pub`` records it has (to judge compaction); for topics
+the message count, payload bytes, newest timestamp (for retention) and a sparse index,
+one (position, offset) mark per :data:`SPARSE_INDEX_BYTES`, so a read seeks near its
+position and scans at most that many bytes of records it does not want. Topic payloads
+stay on disk; :func:`read_topic_segment` reads them with ``pread``, in chunks.
 """
 
 from __future__ import annotations
 
 import bisect
-import errno
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,9 +24,9 @@ from typing import Final
 
 from msg.persistence import TopicMessage
 from msg.storage import records
-from msg.storage.fs import FileSystem
+from msg.storage.files import LogFile, OpenFiles
 
-__all__ = ["SPARSE_INDEX_BYTES", "LogFile", "Segment", "read_topic_segment"]
+__all__ = ["SPARSE_INDEX_BYTES", "Segment", "read_topic_segment"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,61 +36,6 @@ logger = logging.getLogger(__name__)
 SPARSE_INDEX_BYTES: Final = 4096
 # Read size for topic scans; grows when one record is larger.
 _READ_CHUNK: Final = 64 * 1024
-
-
-class LogFile:
-    """An open file that only grows, batch by batch, at offsets it tracks itself."""
-
-    __slots__ = ("damaged", "fd", "fs", "path", "size")
-
-    def __init__(self, fs: FileSystem, path: str, fd: int, size: int) -> None:
-        self.fs = fs
-        self.path = path
-        self.fd = fd
-        self.size = size
-        """Length of the good records; writes go here."""
-        self.damaged = False
-
-    @classmethod
-    def open(cls, fs: FileSystem, path: str) -> LogFile:
-        fd = fs.open(path)
-        try:
-            size = fs.size(fd)
-        except OSError:
-            fs.close(fd)
-            raise
-        return cls(fs, path, fd, size)
-
-    def append(self, data: bytes) -> None:
-        """Write all of ``data`` at the end, or nothing (raising the OSError)."""
-        if self.damaged:
-            raise OSError(errno.EIO, "log file is damaged by an earlier failed write", self.path)
-        start = self.size
-        view = memoryview(data)
-        written = 0
-        try:
-            while written < len(data):
-                count = self.fs.pwrite(self.fd, view[written:], start + written)
-                if count <= 0:
-                    raise OSError(errno.EIO, "write made no progress", self.path)
-                written += count
-        except OSError:
-            if written:
-                try:
-                    self.fs.truncate(self.fd, start)
-                except OSError as exc:
-                    self.damaged = True
-                    logger.error(
-                        "cannot cut a failed write off %s at %d: %s", self.path, start, exc
-                    )
-            raise
-        finally:
-            view.release()
-        self.size = start + written
-
-    def truncate(self, length: int) -> None:
-        self.fs.truncate(self.fd, length)
-        self.size = length
 
 
 @dataclass(slots=True, eq=False)
@@ -108,7 +48,8 @@ class Segment:
     path: str
     size: int = 0
     file: LogFile | None = None
-    """Open while this is the log's active (written) segment."""
+    """Set while this is the log's active (written) segment; open or not is up to
+    the file cache."""
     # Queues.
     live: int = 0
     pubs: int = 0
@@ -135,10 +76,19 @@ class Segment:
 
 
 def read_topic_segment(
-    fs: FileSystem, segment: Segment, start: int, end: int, limit: int, out: list[TopicMessage]
+    files: OpenFiles,
+    segment: Segment,
+    start: int,
+    end: int,
+    limit: int,
+    out: list[TopicMessage],
 ) -> None:
     """Append to ``out`` the messages of ``segment`` at positions ``start`` to ``end`` - 1,
-    until ``out`` holds ``limit`` messages."""
+    until ``out`` holds ``limit`` messages.
+
+    The active segment is read through the file cache (reopened if it was closed: it
+    is likely to be written again soon); an older one is opened for this read only.
+    """
     if not segment.marks:
         return
     mark = max(bisect.bisect_right(segment.marks, start) - 1, 0)
@@ -146,7 +96,8 @@ def read_topic_segment(
     stop = segment.size
     active = segment.file
     own = active is None
-    fd = fs.open(segment.path) if active is None else active.fd
+    fs = files.fs
+    fd = files.open(segment.path) if active is None else active.descriptor()
     try:
         chunk = _READ_CHUNK
         while offset < stop and len(out) < limit:

@@ -256,7 +256,9 @@ async def test_broker_process_on_a_full_tmpfs(tmp_path: Path) -> None:
             try:
                 acked, refused = await publish_until_refused(publisher, 0, pad=2000)
                 assert acked == list(range(refused))
-                assert shutil.disk_usage(disk).free >= 1024 * 1024 - 64 * 1024
+                # The batch that crosses the mark is written whole (a burst here is 50
+                # publishes of ~2 KB) and tmpfs rounds each segment file up to pages.
+                assert shutil.disk_usage(disk).free >= 1024 * 1024 - 256 * 1024
                 assert await consume(broker.port, 50) == acked[:50]
                 mark = len(broker.log_lines)
                 await asyncio.to_thread(ballast.unlink)
