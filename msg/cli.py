@@ -456,10 +456,14 @@ def format_status(status: dict[str, Any]) -> str:
         lines += _table(["TOPIC", *(c.upper() for c in columns)], rows)
         for name, topic in topics.items():
             for durable, cursor in (topic.get("durable") or {}).items():
+                # Acked out of order past the first unacked one: worth seeing, since a
+                # held message keeps the position back while these pile up.
+                ahead = cursor.get("acked_ahead")
                 lines.append(
                     f"  {name} durable {durable}: "
                     f"{'online' if cursor.get('online') else 'offline'}, "
                     f"position {cursor.get('position')}, {cursor.get('pending')} pending"
+                    + (f", {ahead} acked ahead" if ahead else "")
                 )
     else:
         lines.append("no topics")

@@ -28,7 +28,7 @@ the broker builds no object per message to cross the seam:
 ``reclaim``          deliveries whose ack deadline passed become ready again
 ``read``             read a topic's log from a position (replay, catch-up)
 ``open_cursor``      find or create a durable subscription's cursor
-``commit_cursors``   move durable cursors forward
+``commit_cursors``   record where durable cursors stand (floor and acks above it)
 ``delete_cursor``    forget a durable subscription
 ``stats``            counts for monitoring
 ``maintain``         periodic work: retention, compaction, timed fsync
@@ -49,6 +49,11 @@ Rules every backend keeps (the contract suite in ``tests/storage`` checks them):
 - Messages claimed with ``auto_ack`` are gone once claimed. Otherwise a message
   stays in flight until settled, released or reclaimed, and ``attempt`` counts its
   deliveries.
+- A durable cursor is a :class:`Cursor`: a *floor* (every position below it is done)
+  and the positions above the floor that are done too (acked out of order), as
+  ranges. ``commit_cursors`` replaces the whole state of each cursor it names, and
+  ``open_cursor`` returns the last state committed, so a subscriber that returns
+  (reconnect, restart) is handed exactly the positions not done.
 - Queue message lifecycle (also in ``docs/persistence.md``)::
 
       READY --claim--> IN_FLIGHT --settle(ack)------> gone
@@ -73,12 +78,14 @@ __all__ = [
     "Appended",
     "Capabilities",
     "Claim",
+    "Cursor",
     "CursorCommit",
     "Delivery",
     "FsyncPolicy",
     "Kind",
     "Outcome",
     "QueueStats",
+    "Ranges",
     "Reclaimed",
     "Recovery",
     "Retention",
@@ -276,13 +283,69 @@ class TopicRead:
     """The position the next append will get."""
 
 
+Ranges = tuple[tuple[int, int], ...]
+"""Sets of log positions as ``(first, last)`` pairs, both inclusive: sorted, disjoint
+and not touching (``last + 1 < next first``), so each set has one spelling."""
+
+
+def _ranges_problem(position: int, acked: Ranges) -> str | None:
+    """What is wrong with ``acked`` as the acked positions above floor ``position``
+    (None: nothing). Each range must be of positions past the floor, ``first <= last``,
+    in order, and apart from the next by at least one position that is not acked."""
+    after = position  # the floor itself is not done, so the first range starts past it
+    for first, last in acked:
+        if first <= after:
+            if after == position:
+                return f"range [{first}, {last}] does not start past the floor {position}"
+            return f"range [{first}, {last}] is out of order or touches the one before"
+        if last < first:
+            return f"range [{first}, {last}] ends before it starts"
+        after = last + 1
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a durable cursor stands.
+
+    ``position`` is the floor: the lowest position not done (acked, dropped, or
+    trimmed by retention), where a returning subscriber resumes. ``acked`` are the
+    positions above it that are done too, because the subscriber acked them before
+    an earlier one; a returning subscriber skips them. Each unacked position between
+    the floor and the last acked one splits a range, so the ranges number at most one
+    more than the messages the subscriber held unacked (its prefetch bounds them).
+    """
+
+    position: int
+    acked: Ranges = ()
+
+    def __post_init__(self) -> None:
+        if self.acked and (problem := _ranges_problem(self.position, self.acked)) is not None:
+            raise ValueError(problem)
+
+    @property
+    def acked_count(self) -> int:
+        """How many positions above the floor are done."""
+        return sum(last - first + 1 for first, last in self.acked)
+
+
 @dataclass(frozen=True, slots=True)
 class CursorCommit:
-    """Durable cursor ``name`` on ``topic`` now points at ``position`` (next to deliver)."""
+    """Durable cursor ``name`` on ``topic`` now stands at ``position`` (the floor, next
+    to deliver) with the positions ``acked`` above it done too (see :class:`Cursor`).
+
+    A commit replaces the cursor's whole state, so one record of it is enough to
+    restore the cursor: the store need not remember earlier commits.
+    """
 
     topic: str
     name: str
     position: int
+    acked: Ranges = ()
+
+    def __post_init__(self) -> None:
+        if self.acked and (problem := _ranges_problem(self.position, self.acked)) is not None:
+            raise ValueError(problem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +366,9 @@ class TopicStats:
     end: int
     bytes: int
     cursors: Mapping[str, int] = field(default_factory=dict)
+    """Each durable cursor's floor (:attr:`Cursor.position`)."""
+    cursors_acked: Mapping[str, int] = field(default_factory=dict)
+    """For cursors with positions acked above their floor: how many."""
 
     @property
     def retained(self) -> int:
@@ -379,12 +445,13 @@ class Store(Protocol):
         """Up to ``limit`` messages of ``topic`` from ``position`` on (or the oldest kept)."""
         ...
 
-    async def open_cursor(self, topic: str, name: str) -> int:
-        """The position of durable cursor ``name``; a new cursor starts at the end."""
+    async def open_cursor(self, topic: str, name: str) -> Cursor:
+        """Durable cursor ``name`` as last committed; a new cursor starts at the end."""
         ...
 
     async def commit_cursors(self, items: Sequence[CursorCommit]) -> list[StoreFailure | None]:
-        """Move durable cursors; each result is final (durable under the policy)."""
+        """Replace durable cursors' states; each result is final (durable under the
+        policy). A failed item leaves its cursor as it was."""
         ...
 
     async def delete_cursor(self, topic: str, name: str) -> bool:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -40,10 +40,14 @@ class BrokerProcess:
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         start_timeout: float = 20.0,
+        rlimit_nofile: int | None = None,
     ) -> None:
+        """``rlimit_nofile``: the broker's soft limit on open files (``ulimit -n``),
+        set before it starts (POSIX only), to test it running out of descriptors."""
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.args = list(args)
         self.env = env
+        self.rlimit_nofile = rlimit_nofile
         self.start_timeout = start_timeout
         self.host = "127.0.0.1"
         self.port = 0
@@ -85,6 +89,7 @@ class BrokerProcess:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            preexec_fn=_nofile_setter(self.rlimit_nofile),
         )
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
@@ -157,3 +162,21 @@ class BrokerProcess:
     def restart(self) -> None:
         """Start again on the same data dir (after stop or kill); the port changes."""
         self.start()
+
+
+def _nofile_setter(soft: int | None) -> Callable[[], None] | None:
+    """What the child runs before exec to lower its RLIMIT_NOFILE (None: nothing)."""
+    if soft is None:
+        return None
+    if sys.platform == "win32":
+        raise MsgError("rlimit_nofile needs a POSIX system")
+    import resource
+
+    # Read here, not in the child: between fork and exec only simple calls are safe.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limits = (soft, hard)
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+    return lower

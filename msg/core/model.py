@@ -11,6 +11,12 @@ the core keeps only what routing needs:
 - a :class:`TopicState` per topic: live subscribers, durable subscriptions, and the
   log's end position.
 
+A durable subscription remembers which positions are done (acked, dropped, or trimmed
+by retention) as a floor (every position below it is done) plus the positions above
+it that were acked out of order (:class:`AckedPositions`, kept as ranges). Both go to
+the store with every cursor commit, so a subscriber that returns after a disconnect
+or a restart gets exactly the messages it had not acked.
+
 Credit is how the core bounds what it hands out: a consumer may hold ``prefetch``
 messages. In manual mode a message counts until it is acked or nacked; in auto mode it
 counts until the connection's socket has taken it (see ``Router.drained``), so a
@@ -19,12 +25,15 @@ consumer that stops reading stops receiving instead of piling up frames in memor
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from msg.core.outbound import Outbound, Slot
+from msg.persistence import Ranges
 from msg.protocol.frames import AckMode, JsonScalar, Mode
 
 __all__ = [
+    "AckedPositions",
     "DurableSub",
     "PlainSub",
     "QueueConsumer",
@@ -83,6 +92,87 @@ class QueueConsumer:
         return self.prefetch - self.in_flight - self.reserved
 
 
+class AckedPositions:
+    """A set of log positions kept as sorted, disjoint, non-touching ranges.
+
+    A durable subscriber that holds one message while acking the next million costs
+    one range here, not a million entries: the ranges number at most one more than
+    the gaps between them, and every gap is a message delivered and not yet settled
+    (bounded by the prefetch) or, after a reopen, one still to be delivered again.
+    Adding a position is a bisection plus, when it joins no neighbour, a list insert.
+    """
+
+    __slots__ = ("_firsts", "_lasts")
+
+    def __init__(self, ranges: Ranges = ()) -> None:
+        self._firsts = [first for first, _ in ranges]
+        self._lasts = [last for _, last in ranges]
+
+    def __bool__(self) -> bool:
+        return bool(self._firsts)
+
+    def __contains__(self, position: int) -> bool:
+        i = bisect_right(self._firsts, position)
+        return i > 0 and self._lasts[i - 1] >= position
+
+    def add(self, position: int) -> None:
+        """Put ``position`` in the set, joining the ranges it touches."""
+        firsts, lasts = self._firsts, self._lasts
+        if lasts and lasts[-1] == position - 1:
+            # Acks in order extend the last range (it is pruned at the next commit):
+            # the common case, without a bisection.
+            lasts[-1] = position
+            return
+        i = bisect_right(firsts, position)  # ranges before i start at or before it
+        if i and lasts[i - 1] >= position:
+            return
+        joins_left = i > 0 and lasts[i - 1] == position - 1
+        joins_right = i < len(firsts) and firsts[i] == position + 1
+        if joins_left and joins_right:
+            lasts[i - 1] = lasts[i]
+            del firsts[i], lasts[i]
+        elif joins_left:
+            lasts[i - 1] = position
+        elif joins_right:
+            firsts[i] = position
+        else:
+            firsts.insert(i, position)
+            lasts.insert(i, position)
+
+    def add_range(self, first: int, last: int) -> None:
+        """Put ``first`` to ``last`` (both included) in the set."""
+        if last < first:
+            return
+        firsts, lasts = self._firsts, self._lasts
+        i = bisect_left(lasts, first - 1)  # the first range that ends at or after first - 1
+        j = bisect_right(firsts, last + 1)  # ranges before j start at or before last + 1
+        if i < j:
+            first = min(first, firsts[i])
+            last = max(last, lasts[j - 1])
+        firsts[i:j] = [first]
+        lasts[i:j] = [last]
+
+    def skip(self, position: int) -> int:
+        """The first position at or after ``position`` that is not in the set."""
+        i = bisect_right(self._firsts, position)
+        if i and self._lasts[i - 1] >= position:
+            return self._lasts[i - 1] + 1
+        return position
+
+    def drop_below(self, floor: int) -> None:
+        """Forget every position below ``floor``."""
+        firsts, lasts = self._firsts, self._lasts
+        i = bisect_left(lasts, floor)  # ranges before i end below the floor
+        if i:
+            del firsts[:i], lasts[:i]
+        if firsts and firsts[0] < floor:
+            firsts[0] = floor
+
+    def ranges(self) -> Ranges:
+        """The set as (first, last) pairs, both inclusive, in order."""
+        return tuple(zip(self._firsts, self._lasts, strict=True))
+
+
 @dataclass(eq=False, slots=True)
 class DurableSub:
     """A pub/sub subscriber with a named cursor that outlives its connection."""
@@ -96,9 +186,14 @@ class DurableSub:
     next_position: int = 0
     """The next log position to deliver."""
     committed: int = 0
-    """The position last written to the store: where a returning subscriber resumes."""
+    """The floor last written to the store: where a returning subscriber resumes."""
+    committed_acked: Ranges = ()
+    """The acked ranges last written to the store with ``committed``."""
     unacked: dict[str, int] = field(default_factory=dict)
     """Manual mode: message id -> position, for delivered and unsettled messages."""
+    acked: AckedPositions = field(default_factory=AckedPositions)
+    """Positions done above the floor: settled out of order, or (from the cursor as
+    opened) in an earlier session. ``next_position`` is never one of them."""
     attempts: dict[int, int] = field(default_factory=dict)
     """Positions that were delivered more than once, and how often."""
     redeliver: list[int] = field(default_factory=list)
@@ -122,10 +217,18 @@ class DurableSub:
 
     @property
     def floor(self) -> int:
-        """The lowest position not yet done: what the stored cursor should say."""
+        """The lowest position not yet done: what the stored cursor should say.
+
+        Every position below ``next_position`` was delivered, and is done unless it is
+        still unacked; ``next_position`` itself is not done (it skips acked ones)."""
         if self.unacked:
             return min(self.unacked.values())
         return self.next_position
+
+    def advance(self, position: int) -> None:
+        """Make ``position`` the next to deliver, or the first after it not yet done."""
+        acked = self.acked
+        self.next_position = acked.skip(position) if acked else position
 
 
 Subscription = PlainSub | QueueConsumer | DurableSub

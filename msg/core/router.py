@@ -55,6 +55,7 @@ from msg.core.batches import (
 from msg.core.effects import AnyStoreCall, Close, StoreCall
 from msg.core.ids import IdSource
 from msg.core.model import (
+    AckedPositions,
     DurableSub,
     PlainSub,
     QueueConsumer,
@@ -68,6 +69,7 @@ from msg.core.stats import Counters, Rates
 from msg.persistence import (
     Appended,
     Claim,
+    Cursor,
     CursorCommit,
     Delivery,
     Kind,
@@ -489,10 +491,16 @@ class Router:
         topic.durables[request.durable] = sub
         session.subs[key] = sub
         slot = session.out.reserve()
+        if self._to_commit:
+            # A subscription of this name that just ended (its connection dropped in
+            # this same iteration) has its last commit pending: the store must take it
+            # before the open, or the returning subscriber would be handed messages
+            # acked on the old connection.
+            self._commit_cursors()
         self._call(
             "open_cursor",
             lambda store: store.open_cursor(topic.name, sub.name),
-            lambda position: self._cursor_opened(sub, slot, request, position),
+            lambda cursor: self._cursor_opened(sub, slot, request, cursor),
             lambda exc: self._cursor_failed(sub, slot, request),
         )
 
@@ -665,6 +673,10 @@ class Router:
             holder.attempts[position] = holder.attempts.get(position, 1) + 1
             self._to_pump[id(holder)] = holder
         else:
+            # Done (acked, or dropped by a nack without requeue): remembered above the
+            # floor until every earlier position is done too, so that it is not
+            # delivered again after a reconnect or a restart.
+            holder.acked.add(position)
             holder.attempts.pop(position, None)
             if outcome is Outcome.ACK:
                 self.counters.acked += 1
@@ -889,7 +901,7 @@ class Router:
                 continue
             if sub.next_position == position and sub.credit > 0:
                 self._deliver_durable(sub, position, message_id, payload)
-                sub.next_position = position + 1
+                sub.advance(position + 1)
             elif sub.next_position < position:
                 self._to_pump[id(sub)] = sub
 
@@ -910,7 +922,7 @@ class Router:
         self._to_commit[id(sub)] = sub
 
     def _cursor_opened(
-        self, sub: DurableSub, slot: Slot, request: Subscribe, position: int
+        self, sub: DurableSub, slot: Slot, request: Subscribe, cursor: Cursor
     ) -> None:
         # The subscribe succeeded even if the subscription has ended since (the peer
         # half-closed, or unsubscribed in the same batch): its reply is owed either way.
@@ -918,7 +930,12 @@ class Router:
         if not sub.active:
             return
         sub.attached = True
-        sub.next_position = sub.committed = position
+        sub.acked = AckedPositions(cursor.acked)
+        sub.committed = cursor.position
+        sub.committed_acked = cursor.acked
+        # The floor is never acked, so delivery resumes there and then skips the
+        # positions acked in an earlier session.
+        sub.next_position = cursor.position
         self._to_pump[id(sub)] = sub
 
     def _cursor_failed(self, sub: DurableSub, slot: Slot, request: Subscribe) -> None:
@@ -968,6 +985,7 @@ class Router:
                     if held == position:
                         del sub.unacked[message_id]
                         sub.session.outstanding.pop(message_id, None)
+                sub.acked.add(position)
                 sub.attempts.pop(position, None)
                 self._to_commit[id(sub)] = sub
             else:
@@ -983,15 +1001,18 @@ class Router:
                 topic.name,
                 result.first - sub.next_position,
             )
-            sub.next_position = result.first
+            # Gone, so done: no gap for them in the acked ranges.
+            sub.acked.add_range(sub.next_position, result.first - 1)
+            sub.advance(result.first)
             self._to_commit[id(sub)] = sub
         for message in result.messages:
+            # Positions acked in an earlier session were skipped by advance().
             if message.position < sub.next_position:
                 continue
             if message.position > sub.next_position or sub.credit <= 0:
                 break
             self._deliver_durable(sub, message.position, message.message_id, message.payload)
-            sub.next_position = message.position + 1
+            sub.advance(message.position + 1)
         self._to_pump[id(sub)] = sub
 
     def _read_failed(self, sub: DurableSub) -> None:
@@ -1005,14 +1026,24 @@ class Router:
         self._to_commit = {}
         batch = _CursorBatch()
         for sub in subs.values():
+            # One commit per subscription per loop iteration, however many acks it
+            # got: the floor and the acked ranges above it, pruned to the floor.
             floor = sub.floor
-            if floor == sub.committed and not sub.ack_waiters:
+            acked = sub.acked
+            if acked:
+                floor = acked.skip(floor)
+                acked.drop_below(floor)
+                ranges = acked.ranges()
+            else:
+                ranges = ()
+            if floor == sub.committed and ranges == sub.committed_acked and not sub.ack_waiters:
                 continue
-            batch.commits.append(CursorCommit(sub.topic.name, sub.name, floor))
+            batch.commits.append(CursorCommit(sub.topic.name, sub.name, floor, ranges))
             batch.subs.append(sub)
             batch.waiters.append(sub.ack_waiters)
             sub.ack_waiters = []
             sub.committed = floor
+            sub.committed_acked = ranges
         if batch.commits:
             self._call(
                 "commit_cursors",
@@ -1026,6 +1057,10 @@ class Router:
     def _cursors_committed(self, batch: _CursorBatch, results: list[StoreFailure | None]) -> None:
         for sub, waiters, failure in zip(batch.subs, batch.waiters, results, strict=True):
             session = sub.session
+            if failure is not None:
+                # The store kept its earlier state: the next commit must be written
+                # even if nothing changes before it.
+                sub.committed = -1
             for slot, rid, message_id in waiters:
                 if failure is None:
                     frame = encode_ack(rid, message_id)
@@ -1105,10 +1140,12 @@ class Router:
             if topic_stats is not None:
                 for cursor, position in sorted(topic_stats.cursors.items()):
                     attached = topic.durables.get(cursor) if topic else None
+                    acked = topic_stats.cursors_acked.get(cursor, 0)
                     durable[cursor] = {
                         "online": attached is not None,
                         "position": position,
-                        "pending": max(0, end - position),
+                        "acked_ahead": acked,
+                        "pending": max(0, end - position - acked),
                     }
             topics[name] = {
                 "subscribers": len(topic.subscribers) if topic else 0,

@@ -305,8 +305,13 @@ def _cursor_fields(fields: dict[str, Any]) -> str | None:
         return f"op {op!r} in cursors.log"
     if not isinstance(fields.get("name"), str):
         return "name is not a string"
-    if op == "cur" and not _is_int(fields.get("pos")):
-        return "pos is not an integer"
+    if op == "cur":
+        if not _is_int(fields.get("pos")):
+            return "pos is not an integer"
+        try:
+            records.parse_cursor(fields)
+        except (TypeError, ValueError) as exc:
+            return str(exc)
     return None
 
 

@@ -161,6 +161,37 @@ class GroupCommit:
         self._dirty_fds.discard(fd)  # after a failure no round will sync it
         self._close(fd)
 
+    def sync_closing(self) -> int:
+        """Out of descriptors: sync (on this, the loop thread) and close every descriptor
+        waiting for a round to sync it, except those a running round is syncing; return
+        how many were closed.
+
+        A batch that writes more logs than the file cache holds leaves one such
+        descriptor per log beyond the cache until the next round ends, so it could need
+        more descriptors than the process has, and fail publishes with nothing else
+        open. This blocks the loop for those fsyncs, but only when the alternative is
+        failing the operation. A failed fsync is final, as in a round.
+        """
+        closable = [fd for fd in self._closing if fd not in self._busy]
+        for fd in closable:
+            if fd in self._dirty_fds and self.failure is None:
+                try:
+                    self._fs.sync(fd)
+                except OSError as exc:
+                    self.failure = exc
+                    self._on_failure(exc)
+                    if self._round is None:  # else the running round's end fails them
+                        self._loop.call_soon(self._fail_waiters)
+            self._closing.discard(fd)
+            self._dirty_fds.discard(fd)
+            self._close(fd)
+        return len(closable)
+
+    def _fail_waiters(self) -> None:
+        waiters = self._waiters
+        while waiters and self.failure is not None:
+            _run(waiters.popleft()[1], self.failure)
+
     def close_all(self) -> None:
         """Close every deferred descriptor now (the store is closing; no rounds follow)."""
         self._dirty_fds.clear()

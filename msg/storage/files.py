@@ -32,6 +32,10 @@ transient, not a disk fault, and never turns the store read-only. The rule:
    its idle files (:meth:`OpenFiles.shed`), at least halve its limit (so it stops
    competing with the sockets; never below :data:`MIN_DEFAULT_LIMIT` unless
    configured lower; one WARNING per lowering, so a few at most), and retry once.
+   Shedding also syncs, on the loop thread, and closes the descriptors it let go of
+   that wait for a sync round (:meth:`GroupCommit.sync_closing`): a batch writing
+   more logs than the cache holds keeps one per log beyond it, and could otherwise
+   run out with nothing idle to close.
 2. If the retry fails too, the operation that needed the file fails: an append or a
    settle gets ``storage_error`` for the items bound for that file only, a topic
    read raises :class:`~msg.errors.StorageError`. Nothing was written, nothing is
@@ -245,8 +249,10 @@ class OpenFiles:
         return fd
 
     def shed(self) -> int:
-        """Close the older half of the idle open files and lower the limit to what is
-        left open (the process ran out of descriptors); return how many were closed."""
+        """Close the older half of the idle open files, and the descriptors the cache
+        let go of that wait for a sync round (synced first), and lower the limit to
+        what is left open (the process ran out of descriptors); return how many were
+        closed."""
         commit = self.commit
         idle = [
             file
@@ -256,21 +262,23 @@ class OpenFiles:
         victims = idle[: max(1, len(idle) // 2)] if idle else []
         for file in victims:
             self.release(file)
+        synced = 0 if commit is None else commit.sync_closing()
         # At least halve the limit, so this warning can only come a few times, but
         # not below the default minimum unless the operator configured less.
         floor = min(self.limit, MIN_DEFAULT_LIMIT)
         lowered = max(floor, min(len(self._open), self.limit // 2))
         if lowered < self.limit:
             logger.warning(
-                "the process ran out of file descriptors: closed %d idle log files and "
-                "keep at most %d open from now on (was %d); raise the open-file limit "
-                "(ulimit -n) or lower max_open_files",
+                "the process ran out of file descriptors: closed %d idle log files (and "
+                "synced and closed %d) and keep at most %d open from now on (was %d); "
+                "raise the open-file limit (ulimit -n) or lower max_open_files",
                 len(victims),
+                synced,
                 lowered,
                 self.limit,
             )
             self.limit = lowered
-        return len(victims)
+        return len(victims) + synced
 
     def release(self, file: LogFile) -> None:
         """Let go of ``file``'s descriptor (it is closed once its writes are synced)."""

@@ -117,6 +117,7 @@ from msg.persistence import (
     Appended,
     Capabilities,
     Claim,
+    Cursor,
     CursorCommit,
     Delivery,
     FsyncPolicy,
@@ -194,6 +195,9 @@ _DEFAULT_RETENTION: Final = Retention()
 _SETTLED: Final = Settled()
 _MOVABLE: Final = frozenset({State.READY, State.IN_FLIGHT})
 _SEGMENT_OF: Final = attrgetter("segment")
+
+_CursorChange = tuple[int, str, Cursor | None, Cursor]
+"""One item of a cursor commit: (its index, the cursor's name, before, after)."""
 
 
 class _Write:
@@ -690,7 +694,7 @@ class FileStore:
                 self._index_topic_records(log, segment, write, offset)
             return True
         write.undo()
-        detail = _write_detail(failure)
+        detail = _write_detail(failure, self._read_only is not None)
         for i in write.items:
             kept = _stored_before(results[i].positions, write.first)
             results[i] = Appended(kept, failure, detail)
@@ -976,28 +980,28 @@ class FileStore:
         except OSError as exc:
             raise StorageError(f"storage failed: {exc}") from exc
 
-    async def open_cursor(self, topic: str, name: str) -> int:
+    async def open_cursor(self, topic: str, name: str) -> Cursor:
         self._ready()
         try:
             log = self._topic_log(topic)
         except OSError as exc:
             raise StorageError(f"cannot create the log of topic {topic!r}: {exc}") from exc
         cursors = log.index.cursors
-        position = cursors.get(name)
-        if position is not None:
-            return position
-        position = cursors[name] = log.index.end
-        failure = self._write_cursor_records(log, records.cursor_record(name, position), 1)
+        cursor = cursors.get(name)
+        if cursor is not None:
+            return cursor
+        cursor = cursors[name] = Cursor(log.index.end)
+        failure = self._write_cursor_records(log, records.cursor_record(name, cursor.position), 1)
         if failure is not None:
             del cursors[name]
             raise StorageError(f"cannot store cursor {name!r} of topic {topic!r}: {failure}")
         await self._durable()
-        return position
+        return cursor
 
     async def commit_cursors(self, items: Sequence[CursorCommit]) -> list[StoreFailure | None]:
         commit = self._ready()
         results: list[StoreFailure | None] = [None] * len(items)
-        groups: dict[str, tuple[TopicLog, list[bytes], list[tuple[int, str, int | None, int]]]] = {}
+        groups: dict[str, tuple[TopicLog, list[bytes], list[_CursorChange]]] = {}
         for i, item in enumerate(items):
             group = groups.get(item.topic)
             if group is None:
@@ -1008,10 +1012,13 @@ class FileStore:
                     continue
                 group = groups[item.topic] = (log, [], [])
             cursors = group[0].index.cursors
-            group[1].append(records.cursor_record(item.name, item.position))
-            group[2].append((i, item.name, cursors.get(item.name), item.position))
-            cursors[item.name] = item.position
-        written: list[tuple[TopicLog, list[tuple[int, str, int | None, int]]]] = []
+            # One record per commit, with the cursor's whole state (floor and acked
+            # ranges): replay and compaction need only each cursor's last record.
+            group[1].append(records.cursor_record(item.name, item.position, item.acked))
+            after = Cursor(item.position, item.acked)
+            group[2].append((i, item.name, cursors.get(item.name), after))
+            cursors[item.name] = after
+        written: list[tuple[TopicLog, list[_CursorChange]]] = []
         for log, parts, changes in groups.values():
             failure = self._write_cursor_records(log, b"".join(parts), len(parts))
             if failure is None:
@@ -1039,10 +1046,10 @@ class FileStore:
         log = self._topics.get(topic)
         if log is None or name not in log.index.cursors:
             return False
-        position = log.index.cursors.pop(name)
+        cursor = log.index.cursors.pop(name)
         failure = self._write_cursor_records(log, records.cursor_delete_record(name), 1)
         if failure is not None:
-            log.index.cursors.setdefault(name, position)
+            log.index.cursors.setdefault(name, cursor)
             raise StorageError(f"cannot delete cursor {name!r} of topic {topic!r}: {failure}")
         await self._durable()
         return True
@@ -1262,8 +1269,10 @@ class FileStore:
                 return
             logger.warning("%s had corrupt records: kept it as %s", path, kept)
         version = log.cursor_version
+        # The acked ranges are copied with each floor: a rewrite must not bring back
+        # messages the subscriber acked out of order.
         data = b"".join(
-            [records.cursor_record(name, position) for name, position in cursors.items()]
+            [records.cursor_record(name, c.position, c.acked) for name, c in cursors.items()]
         )
         try:
             fs.write_file(path + _TMP, data)
@@ -1390,17 +1399,21 @@ def _full(queue: str) -> str:
     return f"queue {queue!r} holds its maximum number of messages"
 
 
-def _write_detail(failure: StoreFailure) -> str:
+def _write_detail(failure: StoreFailure, read_only: bool) -> str:
     if failure is StoreFailure.STORAGE_FULL:
         return "no space left on the storage device"
-    return "the storage device failed; the store is read-only"
+    if read_only:
+        return "the storage device failed; the store is read-only"
+    # The one write failure that leaves the store writable: the log file could not be
+    # opened for want of a descriptor (see .files). Nothing was written.
+    return "cannot open the log file now: too many open files"
 
 
-def _undo_cursors(log: TopicLog, changes: list[tuple[int, str, int | None, int]]) -> None:
+def _undo_cursors(log: TopicLog, changes: list[_CursorChange]) -> None:
     """Put cursors back where they were, unless a later commit moved them again."""
     cursors = log.index.cursors
     for _, name, before, after in reversed(changes):
-        if cursors.get(name) == after:
+        if cursors.get(name) is after:
             if before is None:
                 del cursors[name]
             else:

@@ -60,6 +60,7 @@ from typing import Final
 from msg.persistence import (
     Append,
     Claim,
+    Cursor,
     Delivery,
     Outcome,
     QueueStats,
@@ -878,12 +879,19 @@ class TopicIndex:
         self.next_position = first
         """Next position to hand out (ahead of ``end`` while appends are pending)."""
         self.bytes = 0
-        self.cursors: dict[str, int] = {}
+        self.cursors: dict[str, Cursor] = {}
         self.recent = RecentIds()
 
     def stats(self) -> TopicStats:
+        cursors = self.cursors
         return TopicStats(
-            first=self.first, end=self.end, bytes=self.bytes, cursors=dict(self.cursors)
+            first=self.first,
+            end=self.end,
+            bytes=self.bytes,
+            cursors={name: cursor.position for name, cursor in cursors.items()},
+            cursors_acked={
+                name: cursor.acked_count for name, cursor in cursors.items() if cursor.acked
+            },
         )
 
     def offer(self, message_ids: Sequence[str], payloads: Sequence[bytes]) -> Offer:

@@ -430,7 +430,11 @@ def _recover_cursors(
         try:
             record = records.parse(line)
             if record["op"] == "cur":
-                cursors[record["name"]] = record["pos"]
+                name = record["name"]
+                if not isinstance(name, str):
+                    raise ValueError("name is not a string")
+                # Each record holds the cursor's whole state: the last one wins.
+                cursors[name] = records.parse_cursor(record)
             elif record["op"] == "del":
                 cursors.pop(record["name"], None)
             else:

@@ -26,6 +26,7 @@ from msg.persistence import (
     Appended,
     Capabilities,
     Claim,
+    Cursor,
     CursorCommit,
     Delivery,
     Kind,
@@ -191,16 +192,16 @@ class MemoryStore:
         )
         return TopicRead(messages, tindex.first, tindex.end)
 
-    async def open_cursor(self, topic: str, name: str) -> int:
+    async def open_cursor(self, topic: str, name: str) -> Cursor:
         tindex = self._topic(topic).index
-        position = tindex.cursors.get(name)
-        if position is None:
-            position = tindex.cursors[name] = tindex.end
-        return position
+        cursor = tindex.cursors.get(name)
+        if cursor is None:
+            cursor = tindex.cursors[name] = Cursor(tindex.end)
+        return cursor
 
     async def commit_cursors(self, items: Sequence[CursorCommit]) -> list[StoreFailure | None]:
         for item in items:
-            self._topic(item.topic).index.cursors[item.name] = item.position
+            self._topic(item.topic).index.cursors[item.name] = Cursor(item.position, item.acked)
         return [None] * len(items)
 
     async def delete_cursor(self, topic: str, name: str) -> bool:

@@ -14,7 +14,14 @@ protocol, so protocol changes never break stored data. Records::
     {"op":"dead","seq":7,"crc":"..."}    queue: moved to the dead-letter queue
     {"op":"req","seq":7,"att":2,"crc":"..."}   queue: requeued after 2 deliveries
     {"op":"cur","name":"audit","pos":42,"crc":"..."}   topic cursors.log: moved
+    {"op":"cur","name":"audit","pos":42,"acked":[[44,45],[50,50]],"crc":"..."}
+                                         ...with 44, 45 and 50 acked before 42 and 43
     {"op":"del","name":"audit","crc":"..."}            topic cursors.log: deleted
+
+A ``cur`` record holds a durable cursor's whole state: ``pos`` is its floor (every
+position below is done), ``acked`` (absent when empty, as in records written before
+it existed) the positions above the floor that were acked out of order, as
+``[first, last]`` ranges, both ends included. The last ``cur`` record of a name wins.
 
 ``seq`` is the queue's sequence number or the topic's position. ``att`` (deliveries
 so far) and ``why`` (dead-letter reason) appear only when set: in compaction copies
@@ -52,6 +59,7 @@ from operator import itemgetter
 from typing import Any, Final
 
 from msg import jsonlib
+from msg.persistence import Cursor, Ranges
 
 __all__ = [
     "FORMAT_VERSION",
@@ -65,6 +73,7 @@ __all__ = [
     "is_torn_meta",
     "meta_bytes",
     "parse_all",
+    "parse_cursor",
     "parse_meta",
     "parse_pub",
     "pub_batch",
@@ -210,8 +219,34 @@ def requeue_record(seq: int, attempt: int) -> bytes:
     return _seal(b'{"op":"req","seq":%d,"att":%d' % (seq, attempt))
 
 
-def cursor_record(name: str, position: int) -> bytes:
-    return _seal(b'{"op":"cur","name":%b,"pos":%d' % (jsonlib.dumps(name), position))
+def cursor_record(name: str, position: int, acked: Ranges = ()) -> bytes:
+    if not acked:
+        return _seal(b'{"op":"cur","name":%b,"pos":%d' % (jsonlib.dumps(name), position))
+    ranges = b",".join([b"[%d,%d]" % pair for pair in acked])
+    return _seal(
+        b'{"op":"cur","name":%b,"pos":%d,"acked":[%b]' % (jsonlib.dumps(name), position, ranges)
+    )
+
+
+def parse_cursor(record: dict[str, Any]) -> Cursor:
+    """The cursor a ``cur`` record's fields describe; ValueError (or TypeError,
+    KeyError) if they describe none."""
+    position = record["pos"]
+    if not _is_int(position):
+        raise ValueError("pos is not an integer")
+    value = record.get("acked", ())
+    if not isinstance(value, list | tuple):
+        raise ValueError("acked is not a list")
+    acked: list[tuple[int, int]] = []
+    for pair in value:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(map(_is_int, pair))):
+            raise ValueError(f"acked range {pair!r} is not a pair of integers")
+        acked.append((pair[0], pair[1]))
+    return Cursor(position, tuple(acked))  # checks the ranges
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def cursor_delete_record(name: str) -> bytes:

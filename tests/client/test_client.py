@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -254,10 +255,12 @@ async def test_unserialisable_message_sends_nothing(client: Client) -> None:
     await client.ping()
 
 
-async def test_oversized_request_gets_its_own_error(broker_args: list[str]) -> None:
+async def test_oversized_request_gets_its_own_error(broker_args: list[str], tmp_path: Path) -> None:
     """The broker answers an over-long line without an id; the client gives that
     answer to the right caller because replies come in request order."""
-    with BrokerProcess(args=[*broker_args, "--max-message-bytes", "4096"]) as small:
+    with BrokerProcess(
+        tmp_path / "data", args=[*broker_args, "--max-message-bytes", "4096"]
+    ) as small:
         async with await Client.connect(small.host, small.port) as client:
             before, big, after, pong = await asyncio.gather(
                 client.publish("t", "small"),
@@ -328,8 +331,8 @@ async def test_close_waits_for_replies_already_owed(broker: BrokerProcess) -> No
     assert len(set(ids)) == 100
 
 
-async def test_broker_refusing_the_connection(broker_args: list[str]) -> None:
-    with BrokerProcess(args=[*broker_args, "--max-connections", "1"]) as full:
+async def test_broker_refusing_the_connection(broker_args: list[str], tmp_path: Path) -> None:
+    with BrokerProcess(tmp_path / "data", args=[*broker_args, "--max-connections", "1"]) as full:
         async with await Client.connect(full.host, full.port) as first:
             with pytest.raises(ConnectFailedError) as caught:
                 await Client.connect(full.host, full.port)

@@ -4,14 +4,16 @@ Theory of operation
 -------------------
 :func:`run_workload` drives a :class:`~msg.persistence.Store` the way the broker does:
 several concurrent tasks publish to queues and a topic, claim, ack, requeue and
-dead-letter, release, move a durable cursor, and a ticker calls ``maintain`` once per
+dead-letter, release, ack a durable cursor's positions out of order (committing its
+floor and the ranges acked above it, as the broker does), and a ticker calls ``maintain`` once per
 simulated second (so segments roll, get deleted and compacted). Time is a simulated
 :class:`Clock` that each step advances, so "acked 1.3 s before the crash" is exact and
 runs take milliseconds.
 
 Everything the store *promised* goes into a :class:`Ledger`, at the simulated time
 the promise was returned: every append result (positions), every settle result
-without a failure, every cursor commit that succeeded. Everything it was merely
+without a failure, every cursor commit that succeeded (every position it declared
+done must stay done). Everything it was merely
 *asked* goes in too (ids sent, settles tried), since an unacknowledged operation may
 or may not have taken effect.
 
@@ -32,10 +34,12 @@ from dataclasses import dataclass, field
 from msg.persistence import (
     Append,
     Claim,
+    Cursor,
     CursorCommit,
     Delivery,
     Kind,
     Outcome,
+    Ranges,
     Settle,
     Store,
 )
@@ -69,9 +73,10 @@ class Ledger:
     """Message id -> the last promised settle, and when."""
     consumed: set[str] = field(default_factory=set)
     """Claimed with auto_ack: gone, but not durably (at most once)."""
-    cursor: list[tuple[int, float]] = field(default_factory=list)
-    """Promised commits of the durable cursor: (position, when)."""
-    cursor_tried: int = -1
+    cursor: list[tuple[Cursor, float]] = field(default_factory=list)
+    """Promised commits of the durable cursor: (its state, when)."""
+    cursor_tried: set[int] = field(default_factory=set)
+    """Every position some commit of the cursor declared done, promised or not."""
     crash_time: float | None = None
 
     def promised(self, name: str) -> dict[str, tuple[int, float]]:
@@ -84,7 +89,7 @@ class Observed:
 
     queues: dict[str, list[Delivery]]
     topic: list[tuple[int, str, bytes]]
-    cursor: int | None
+    cursor: Cursor | None
 
 
 @dataclass(frozen=True)
@@ -208,20 +213,30 @@ async def run_workload(
                 await store.release(queue, me)
 
     async def cursor_mover() -> None:
-        position = -1
+        # A durable subscriber acking out of order: each step acks a random part of what
+        # is not done yet, so gaps stay open for a few steps while later positions are
+        # acked, and commits the whole state, as the broker does once per iteration.
+        floor = 0
+        acked: set[int] = set()
         for _ in range(shape.steps // 2):
             if dead():
                 return
             await advance()
             promised = ledger.acked.get(TOPIC, {})
-            if promised:
-                position = max(position, max(p for p, _ in promised.values()) + 1)
-            if position < 0:
+            end = max((p for p, _ in promised.values()), default=-1) + 1
+            if end == 0:
                 continue
-            ledger.cursor_tried = max(ledger.cursor_tried, position)
-            [failure] = await store.commit_cursors([CursorCommit(TOPIC, CURSOR, position)])
+            acked.update(p for p in range(floor, end) if p not in acked and rng.random() < 0.5)
+            while floor in acked:
+                acked.discard(floor)
+                floor += 1
+            cursor = Cursor(floor, ranges_of(acked))
+            ledger.cursor_tried.update(done_positions(cursor))
+            [failure] = await store.commit_cursors(
+                [CursorCommit(TOPIC, CURSOR, cursor.position, cursor.acked)]
+            )
             if failure is None:
-                ledger.cursor.append((position, clock.now))
+                ledger.cursor.append((cursor, clock.now))
 
     ticking = asyncio.create_task(ticker())
     try:
@@ -234,6 +249,25 @@ async def run_workload(
         stopped = True
         tick.set()
         await ticking
+
+
+def ranges_of(positions: set[int]) -> Ranges:
+    """``positions`` as sorted (first, last) ranges."""
+    ranges: list[tuple[int, int]] = []
+    for position in sorted(positions):
+        if ranges and ranges[-1][1] == position - 1:
+            ranges[-1] = (ranges[-1][0], position)
+        else:
+            ranges.append((position, position))
+    return tuple(ranges)
+
+
+def done_positions(cursor: Cursor) -> set[int]:
+    """Every position ``cursor`` says needs no delivery."""
+    done = set(range(cursor.position))
+    for first, last in cursor.acked:
+        done.update(range(first, last + 1))
+    return done
 
 
 def _payload(rng: random.Random, k: int, step: int, i: int) -> bytes:
@@ -252,7 +286,9 @@ async def observe(store: Store) -> Observed:
     read = await store.read(TOPIC, 0, 100_000)
     topic = [(m.position, m.message_id, m.payload) for m in read.messages]
     cursors = (await store.stats()).topics.get(TOPIC)
-    cursor = None if cursors is None else cursors.cursors.get(CURSOR)
+    cursor = None
+    if cursors is not None and CURSOR in cursors.cursors:
+        cursor = await store.open_cursor(TOPIC, CURSOR)  # it exists: nothing is written
     return Observed(queues, topic, cursor)
 
 
@@ -338,16 +374,24 @@ def verify(ledger: Ledger, seen: Observed, *, window: float | None) -> Verdict:
         verdict.promises += 1
         if by_position.get(position, ("",))[0] != message_id:
             broken(f"topic: acked {message_id} not at position {position}", when)
-    if ledger.cursor:
-        position, when = ledger.cursor[-1]
-        if seen.cursor is None or seen.cursor < position:
-            # The newest commit that did survive bounds the age of what was lost.
-            survived = [w for p, w in ledger.cursor if seen.cursor is not None and p <= seen.cursor]
-            since = max(survived, default=ledger.cursor[0][1])
-            lost = [w for p, w in ledger.cursor if w > since]
-            broken(f"cursor at {seen.cursor}, committed {position}", min(lost, default=when))
-    if seen.cursor is not None and seen.cursor > max(ledger.cursor_tried, 0):
-        verdict.errors.append(f"cursor at {seen.cursor}, past every commit ({ledger.cursor_tried})")
+    # Every position a promised commit declared done (below its floor, or acked above
+    # it) must still be done; the oldest commit that is not fully kept dates the loss.
+    seen_done = set() if seen.cursor is None else done_positions(seen.cursor)
+    verdict.promises += len(ledger.cursor)
+    for cursor, when in ledger.cursor:
+        missing = done_positions(cursor) - seen_done
+        if missing:
+            broken(
+                f"cursor {seen.cursor} lost positions {sorted(missing)[:5]} of commit {cursor}",
+                when,
+            )
+            break
+    # And nothing is done that no commit ever declared done.
+    if seen_done - ledger.cursor_tried:
+        extra = sorted(seen_done - ledger.cursor_tried)[:5]
+        verdict.errors.append(
+            f"cursor {seen.cursor} has positions done that no commit had: {extra}"
+        )
     return verdict
 
 

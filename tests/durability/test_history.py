@@ -181,16 +181,31 @@ def test_a_queue_message_acked_without_a_reply_may_return() -> None:
     assert (report.delivered, report.consumed, report.duplicated) == (2, 1, 0)
 
 
-def test_a_durable_subscription_may_return_acked_messages_as_duplicates() -> None:
+def test_a_durable_message_must_not_return_after_its_ack_was_confirmed() -> None:
     history = History()
     news = history.durable("news", "d", existing=True)
     history.acked(history.invoke(T, "news", message("a")), "id-a")
+    history.acked(history.invoke(T, "news", message("b")), "id-b")
     deliver_and_ack(history, news, "a", "id-a")
     deliver_and_ack(history, news, "a", "id-a")
-    deliver_and_ack(history, news, "a", "id-a")
+    history.delivered(news, message("b"), "id-b")
+    history.ack_sent(news, "b")  # no reply: it may come back
+    deliver_and_ack(history, news, "b", "id-b")
+    report = history.check()
+    assert not report.ok
+    assert (report.returned_after_ack, report.duplicated, report.most_consumed) == (1, 1, 2)
+    assert report.examples["returned_after_ack"] == ("news/d: a (id-a)",)
+
+
+def test_an_auto_ack_durable_subscription_may_deliver_again_after_a_crash() -> None:
+    history = History()
+    news = history.durable("news", "d", existing=True, auto_ack=True)
+    history.acked(history.invoke(T, "news", message("a")), "id-a")
+    history.delivered(news, message("a"), "id-a")
+    history.delivered(news, message("a"), "id-a")
     report = history.check()
     assert report.ok, report.describe()
-    assert (report.returned_after_ack, report.duplicated, report.most_consumed) == (0, 2, 3)
+    assert (report.returned_after_ack, report.duplicated, report.most_consumed) == (0, 1, 2)
 
 
 def test_a_durable_subscription_is_owed_only_what_was_published_after_it() -> None:

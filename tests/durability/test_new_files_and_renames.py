@@ -100,7 +100,7 @@ async def test_cursor_log_created_and_rewritten(keep_metadata: bool) -> None:
     store = FileStore(ROOT, fs=fs)
     await store.open()
     await store.append([Append(Kind.TOPIC, T, ["t0"], [b"0"], 1.0)])
-    assert await store.open_cursor(T, "fresh") == 1
+    assert (await store.open_cursor(T, "fresh")).position == 1
     first = await reopened(fs, keep_metadata)
     try:
         assert dict((await first.stats()).topics[T].cursors) == {"fresh": 1}

@@ -33,12 +33,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from msg.persistence import FsyncPolicy
+from msg.persistence import Cursor, Delivery, FsyncPolicy
 from msg.storage.filestore import FileStore
+from msg.storage.index import DEAD_LETTER_PREFIX
 from tests.durability.crashfs import POWER_LOSSES, CrashFS, Loss
 from tests.durability.powerloss import (
+    QUEUES,
     Clock,
     Ledger,
+    Observed,
     Verdict,
     Workload,
     observe,
@@ -262,3 +265,28 @@ async def test_process_crash_loses_nothing_in_any_policy(policy: FsyncPolicy, sl
     )
     assert ages == []
     assert promises > 0
+
+
+def test_the_check_holds_the_cursor_to_every_position_a_commit_declared_done() -> None:
+    # The cursor check on hand-made states: a restarted store that kept the floor but
+    # forgot the ranges acked above it breaks a promise; one that is further along than
+    # any commit said is wrong too.
+    ledger = Ledger(crash_time=100.0)
+    ledger.cursor = [(Cursor(2, ((4, 5),)), 90.0), (Cursor(3, ((4, 6),)), 99.5)]
+    ledger.cursor_tried = set(range(7)) | {8}
+    empty: dict[str, list[Delivery]] = {
+        name: [] for q in QUEUES for name in (q, DEAD_LETTER_PREFIX + q)
+    }
+
+    def check(cursor: Cursor | None) -> Verdict:
+        return verify(ledger, Observed(empty, [], cursor), window=0)
+
+    assert check(Cursor(3, ((4, 6),))).errors == []
+    assert check(Cursor(7)).errors == []  # further along, as a commit that failed tried
+    [forgot] = check(Cursor(3)).errors
+    assert "lost positions [4, 5]" in forgot
+    assert "10.000 s before the crash" in forgot  # the oldest commit that was not kept
+    assert check(Cursor(2, ((4, 5),))).lost_ages == [0.5]
+    [ahead] = check(Cursor(3, ((4, 6), (8, 9)))).errors
+    assert "no commit had: [9]" in ahead
+    assert check(None).lost_ages == [10.0]

@@ -94,6 +94,78 @@ async def test_acked_messages_are_not_delivered_again_after_sigkill(data_dir: Pa
         broker.kill()
 
 
+async def durable_deliveries_until(port: int, marker: str) -> tuple[Raw, list[dict[str, Any]]]:
+    """Attach durable subscription ``d`` of topic ``news`` (manual acks), publish
+    ``marker`` and return what was delivered up to and including it: deliveries are
+    in log order, so anything the cursor hands out again comes before the marker."""
+    client = await Raw.connect(port)
+    await client.send(
+        {"action": "subscribe", "topic": "news", "durable": "d", "ack": "manual", "prefetch": 1000}
+    )
+    assert (await client.recv())["type"] == "ack"
+    publisher = await Raw.connect(port)
+    assert (await publisher.request(publish("news", marker)))["type"] == "ack"
+    await publisher.close()
+    delivered: list[dict[str, Any]] = []
+    while not delivered or delivered[-1]["message"] != marker:
+        frame = await client.recv()
+        assert frame["type"] == "message", frame
+        delivered.append(frame)
+    return client, delivered
+
+
+async def ack_all(client: Raw, messages: list[dict[str, Any]]) -> None:
+    """Ack ``messages`` and wait for every reply."""
+    await client.send(
+        *({"action": "ack", "message_id": m["message_id"], "id": n} for n, m in enumerate(messages))
+    )
+    replies = await client.recv_n(len(messages))
+    assert [(r["type"], r["id"]) for r in replies] == [("ack", n) for n in range(len(messages))]
+
+
+async def test_durable_acks_behind_an_unacked_message_survive_reconnect_and_sigkill(
+    data_dir: Path,
+) -> None:
+    broker = BrokerProcess(data_dir)
+    broker.start()
+    try:
+        first, got = await durable_deliveries_until(broker.port, "start")
+        publisher = await Raw.connect(broker.port)
+        await publisher.send(*(publish("news", n) for n in range(100)))
+        assert all(a["type"] == "ack" for a in await publisher.recv_n(100))
+        await publisher.close()
+        got = await first.recv_n(100)
+        assert [m["message"] for m in got] == list(range(100))
+        # Everything acked but message 0 (and the marker, which stays unacked too).
+        await ack_all(first, got[1:])
+        await first.close()
+
+        # A reconnect without a restart: only the two unacked come back.
+        again, delivered = await durable_deliveries_until(broker.port, "reconnected")
+        assert [m["message"] for m in delivered] == ["start", 0, "reconnected"]
+        assert delivered[1]["message_id"] == got[0]["message_id"]
+        await ack_all(again, delivered[2:])
+
+        # SIGKILL: the same after a restart.
+        broker.kill()
+        await again.close()
+        broker.start()
+        after, delivered = await durable_deliveries_until(broker.port, "restarted")
+        assert [m["message"] for m in delivered] == ["start", 0, "restarted"]
+        await ack_all(after, delivered)
+        await after.close()
+
+        broker.stop()
+        broker.start()
+        last, delivered = await durable_deliveries_until(broker.port, "done")
+        assert [m["message"] for m in delivered] == ["done"]
+        status = await last.request({"action": "status"})
+        assert status["topics"]["news"]["durable"]["d"]["acked_ahead"] == 0
+        await last.close()
+    finally:
+        broker.kill()
+
+
 @pytest.mark.parametrize("how", ["stop", "interrupt"])
 async def test_graceful_shutdown_exits_zero_and_keeps_unacked_messages(
     data_dir: Path, how: str

@@ -84,3 +84,57 @@ class FailingSyncFS(FileSystem):
         if self.broken:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         super().sync(fd)
+
+
+class ExhaustedFS(FileSystem):
+    """A process out of file descriptors on demand: the next ``fail_opens`` opens (log
+    files and ``write_file``) and the next ``fail_sync_paths`` syncs by path (the sync
+    thread opens those) of a path ending in ``sync_suffix`` fail with EMFILE, as the
+    system calls would. Also counts the log-file descriptors open now and at most
+    (``open_fds``, ``peak``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.fail_opens = 0
+        self.fail_sync_paths = 0
+        self.sync_suffix = ""
+        self.max_fds: int | None = None
+        """Like RLIMIT_NOFILE for log files: opens beyond this many fail (None: no limit)."""
+        self.failed = 0
+        """Opens and path syncs that failed with EMFILE so far."""
+        self.open_fds: set[int] = set()
+        self.peak = 0
+
+    def _exhausted(self, attribute: str) -> bool:
+        with self._lock:
+            left: int = getattr(self, attribute)
+            if left <= 0:
+                return False
+            setattr(self, attribute, left - 1)
+            self.failed += 1
+            return True
+
+    def open(self, path: str) -> int:
+        full = self.max_fds is not None and len(self.open_fds) >= self.max_fds
+        if full or self._exhausted("fail_opens"):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+        fd = super().open(path)
+        with self._lock:
+            self.open_fds.add(fd)
+            self.peak = max(self.peak, len(self.open_fds))
+        return fd
+
+    def close(self, fd: int) -> None:
+        with self._lock:
+            self.open_fds.discard(fd)
+        super().close(fd)
+
+    def write_file(self, path: str, data: bytes) -> None:
+        if self._exhausted("fail_opens"):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+        super().write_file(path, data)
+
+    def sync_path(self, path: str) -> None:
+        if path.endswith(self.sync_suffix) and self._exhausted("fail_sync_paths"):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+        super().sync_path(path)

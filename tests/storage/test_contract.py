@@ -13,6 +13,7 @@ import pytest
 from msg.persistence import (
     Append,
     Claim,
+    Cursor,
     CursorCommit,
     Kind,
     Outcome,
@@ -613,25 +614,61 @@ async def test_retention_by_bytes(make_store: StoreFactory) -> None:
 async def test_cursor_open_commit_delete(store: Store) -> None:
     await store.append([tapp("t0", "t1")])
     end = (await store.read(T, 0, 0)).end
-    assert await store.open_cursor(T, "audit") == end
+    assert (await store.open_cursor(T, "audit")).position == end
     await store.append([tapp("t2")])
-    assert await store.open_cursor(T, "audit") == end  # found, not moved
+    assert (await store.open_cursor(T, "audit")).position == end  # found, not moved
     assert await store.commit_cursors([CursorCommit(T, "audit", end + 1)]) == [None]
-    assert await store.open_cursor(T, "audit") == end + 1
+    assert (await store.open_cursor(T, "audit")).position == end + 1
     stats = (await store.stats()).topics[T]
     assert dict(stats.cursors) == {"audit": end + 1}
     assert await store.delete_cursor(T, "audit")
     assert not await store.delete_cursor(T, "audit")
     assert not await store.delete_cursor("nothing", "audit")
-    assert await store.open_cursor(T, "audit") == end + 1  # new cursor at the end
+    assert (await store.open_cursor(T, "audit")).position == end + 1  # new cursor at the end
 
 
 async def test_cursor_on_new_topic_and_many_commits(store: Store) -> None:
-    assert await store.open_cursor("fresh", "c") == (await store.read("fresh", 0, 0)).end
+    assert (await store.open_cursor("fresh", "c")).position == (await store.read("fresh", 0, 0)).end
     commits = [CursorCommit("fresh", f"c{i % 3}", i) for i in range(30)]
     assert await store.commit_cursors(commits) == [None] * 30
     stats = (await store.stats()).topics["fresh"]
     assert dict(stats.cursors) == {"c": 0, "c0": 27, "c1": 28, "c2": 29}
+
+
+async def test_a_cursor_keeps_the_positions_acked_above_its_floor(store: Store) -> None:
+    await store.append([tapp(*(f"t{i}" for i in range(10)))])
+    await store.open_cursor(T, "audit")
+    # Everything from 2 on acked but 4, 5 and 8; 0 and 1 held.
+    commit = CursorCommit(T, "audit", 0, ((2, 3), (6, 7), (9, 9)))
+    assert await store.commit_cursors([commit]) == [None]
+    assert await store.open_cursor(T, "audit") == Cursor(0, ((2, 3), (6, 7), (9, 9)))
+    stats = (await store.stats()).topics[T]
+    assert dict(stats.cursors) == {"audit": 0}
+    assert dict(stats.cursors_acked) == {"audit": 5}
+    # A commit replaces the whole state: ranges below the new floor are gone.
+    assert await store.commit_cursors([CursorCommit(T, "audit", 5, ((6, 7),))]) == [None]
+    assert await store.open_cursor(T, "audit") == Cursor(5, ((6, 7),))
+    assert await store.commit_cursors([CursorCommit(T, "audit", 10)]) == [None]
+    assert await store.open_cursor(T, "audit") == Cursor(10)
+    assert dict((await store.stats()).topics[T].cursors_acked) == {}
+
+
+@pytest.mark.parametrize(
+    ("position", "acked"),
+    [
+        (5, ((5, 6),)),  # the floor itself is not done
+        (5, ((3, 4),)),  # below the floor
+        (0, ((4, 3),)),  # backwards
+        (0, ((4, 5), (6, 7))),  # touching: one range
+        (0, ((6, 7), (2, 3))),  # out of order
+        (0, ((2, 5), (4, 7))),  # overlapping
+    ],
+)
+def test_acked_ranges_have_one_spelling(position: int, acked: tuple[tuple[int, int], ...]) -> None:
+    with pytest.raises(ValueError, match="range"):
+        CursorCommit(T, "audit", position, acked)
+    with pytest.raises(ValueError, match="range"):
+        Cursor(position, acked)
 
 
 # -- stats and maintain ------------------------------------------------------------

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import threading
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from msg.errors import StorageError
 from msg.persistence import (
     Append,
     Claim,
+    Cursor,
     CursorCommit,
     FsyncPolicy,
     Kind,
@@ -28,6 +30,7 @@ from msg.persistence import (
     Settled,
     StoreFailure,
 )
+from msg.storage import records
 from msg.storage.filestore import FileStore
 from msg.storage.fs import FileSystem
 from tests.storage.faulty import CountingFS, FailingSyncFS, GatedFS, LimitedFS
@@ -131,9 +134,9 @@ async def test_saving_and_loading_pubsub_messages(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
         [result] = await store.append([tapp(*ids("t", 5))])
         assert result.positions == range(5)
-        assert await store.open_cursor(T, "audit") == 5
+        assert (await store.open_cursor(T, "audit")).position == 5
         await store.commit_cursors([CursorCommit(T, "audit", 3), CursorCommit(T, "other", 1)])
-        assert await store.open_cursor(T, "gone") == 5
+        assert (await store.open_cursor(T, "gone")).position == 5
         assert await store.delete_cursor(T, "gone")
     async with opened(tmp_path) as store:
         read = await store.read(T, 0, 100)
@@ -143,7 +146,7 @@ async def test_saving_and_loading_pubsub_messages(tmp_path: Path) -> None:
         assert (read.first, read.end) == (0, 5)
         stats = (await store.stats()).topics[T]
         assert dict(stats.cursors) == {"audit": 3, "other": 1}
-        assert await store.open_cursor(T, "audit") == 3
+        assert (await store.open_cursor(T, "audit")).position == 3
         [appended] = await store.append([tapp("t5")])
         assert list(appended.positions) == [5]
         # Idempotent append survives a restart for recent ids.
@@ -363,7 +366,7 @@ async def test_torn_cursor_log(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     data = path.read_bytes()
     path.write_bytes(data[:-7])
     async with opened(tmp_path) as store:
-        assert await store.open_cursor(T, "a") == 0
+        assert (await store.open_cursor(T, "a")).position == 0
     assert len(storage_logs(caplog, logging.WARNING)) == 1
 
 
@@ -561,6 +564,77 @@ async def test_cursor_log_is_compacted(tmp_path: Path) -> None:
     async with opened(tmp_path) as store:
         cursors = dict((await store.stats()).topics[T].cursors)
         assert cursors == {"c0": 7, "c1": 5996, "c2": 5997, "c3": 5998, "c4": 5999}
+
+
+async def test_acked_ranges_survive_a_restart_and_the_cursor_log_rewrite(
+    tmp_path: Path,
+) -> None:
+    acked = ((2, 999), (1001, 1001))
+    async with opened(tmp_path) as store:
+        await store.append([tapp(*ids("t", 1005))])
+        await store.commit_cursors([CursorCommit(T, "held", 0, acked)])
+        await store.commit_cursors([CursorCommit(T, "plain", 3)])
+    path = segment_files(tmp_path, "topics", T)[0].parent / "cursors.log"
+    # Readable as it is: the ranges are [first, last] pairs, both ends included.
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["name"], r["pos"], r.get("acked")) for r in lines] == [
+        ("held", 0, [[2, 999], [1001, 1001]]),
+        ("plain", 3, None),
+    ]
+    async with opened(tmp_path) as store:
+        assert await store.open_cursor(T, "held") == Cursor(0, acked)
+        assert await store.open_cursor(T, "plain") == Cursor(3)
+        # Enough commits of another cursor for maintenance to rewrite the file.
+        commits = [CursorCommit(T, "busy", i) for i in range(5000)]
+        assert await store.commit_cursors(commits) == [None] * 5000
+        before = path.stat().st_size
+        await store.maintain(1000.0)
+        assert path.stat().st_size < before // 100
+    async with opened(tmp_path) as store:
+        assert await store.open_cursor(T, "held") == Cursor(0, acked)
+        assert dict((await store.stats()).topics[T].cursors_acked) == {"held": 999}
+
+
+async def test_cursor_records_without_acked_ranges_still_load(tmp_path: Path) -> None:
+    # cursors.log as brokers wrote it before acked ranges existed.
+    async with opened(tmp_path) as store:
+        await store.append([tapp(*ids("t", 5))])
+        await store.open_cursor(T, "old")
+    path = segment_files(tmp_path, "topics", T)[0].parent / "cursors.log"
+    path.write_bytes(
+        records.cursor_record("old", 2)
+        + records.cursor_record("other", 4)
+        # What such a broker wrote, byte for byte:
+        + b'{"op":"cur","name":"third","pos":1,"crc":"%08x"}\n'
+        % zlib.crc32(b'{"op":"cur","name":"third","pos":1')
+    )
+    async with opened(tmp_path) as store:
+        assert await store.open_cursor(T, "old") == Cursor(2)
+        assert await store.open_cursor(T, "other") == Cursor(4)
+        assert await store.open_cursor(T, "third") == Cursor(1)
+
+
+@pytest.mark.parametrize(
+    "acked",
+    [b'"2-3"', b"[[2]]", b"[[3,2]]", b"[[1,2]]", b'[[2,"3"]]', b"[[5,6],[2,3]]", b"[[2,3],[4,5]]"],
+)
+async def test_a_cursor_record_with_unusable_ranges_is_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, acked: bytes
+) -> None:
+    caplog.set_level(logging.ERROR, logger=STORAGE_LOGGER)
+    async with opened(tmp_path) as store:
+        await store.append([tapp(*ids("t", 10))])
+        await store.commit_cursors([CursorCommit(T, "c", 0, ((3, 4),))])
+    path = segment_files(tmp_path, "topics", T)[0].parent / "cursors.log"
+    body = b'{"op":"cur","name":"c","pos":1,"acked":%b' % acked
+    with path.open("ab") as file:
+        file.write(b'%b,"crc":"%08x"}\n' % (body, zlib.crc32(body)))
+    async with opened(tmp_path) as store:
+        # The checksum matched, but a replay cannot use it: skipped, the earlier
+        # state stands, and one error names the file.
+        assert await store.open_cursor(T, "c") == Cursor(0, ((3, 4),))
+    [error] = storage_logs(caplog, logging.ERROR)
+    assert "cursors.log" in error.getMessage()
 
 
 async def test_large_payloads_read_back(tmp_path: Path) -> None:
