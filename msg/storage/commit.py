@@ -27,13 +27,19 @@ their round completes. Stores do their bookkeeping inside the callbacks (a messa
 becomes claimable, a settle takes effect), not after an ``await``, so a caller
 being cancelled cannot leave the index half updated.
 
-Closing descriptors (:meth:`close_fd`). Rounds fsync by descriptor, so one with
-writes not yet synced stays open until a round has synced it; an idle one is closed
-at once. A dirty descriptor to be closed starts a round if none is coming: under
-``always`` one nearly always is, and under ``everysec`` and ``never`` such a round
-syncs only the descriptors being closed (a *partial* round: it vouches for nothing
-else and releases no callback). That is the price of a bounded file cache with more
-active logs than it holds: a log file is fsynced before its descriptor is given up.
+Closing descriptors (:meth:`close_fd`). An idle descriptor is closed at once. Under
+``always`` rounds fsync by descriptor, so one with writes not yet synced stays open
+until a round has synced it (one nearly always is coming; if not, closing starts
+one). Under ``everysec`` and ``never`` nothing waits for a sync, so a dirty
+descriptor is closed at once too and its *path* joins the paths the next round syncs
+(the timed one under ``everysec``, the one at shutdown under ``never``): with more
+active logs than the file cache holds, nearly every batch evicts a dirty file, and an
+fsync per eviction would cost more than the writes. The kernel keeps a file's dirty
+pages and any write-back error after its last descriptor is closed, and reports an
+error no descriptor has seen to the next fsync, even on a descriptor opened
+after it (Linux 4.16+), so syncing by path
+later promises the same as syncing the descriptor. A path that no longer exists when
+its round comes (retention deleted the segment) has nothing left to sync.
 
 A failed fsync is final: its error is handed to every waiting and every later
 callback and to ``on_failure`` (the store turns read-only). Retrying an fsync after
@@ -50,8 +56,7 @@ items fail with ``storage_error``) without any failure being recorded: the store
 stays writable and the next round syncs the path.
 
 Only :attr:`FsyncPolicy.ALWAYS` waits; under EVERYSEC and NEVER callbacks run at
-once and rounds happen only when the store asks (:meth:`sync_now`) or a dirty
-descriptor is closed.
+once and rounds happen only when the store asks (:meth:`sync_now`).
 """
 
 from __future__ import annotations
@@ -148,11 +153,20 @@ class GroupCommit:
         """True if closing ``fd`` now loses nothing: no unsynced writes, no round using it."""
         return fd not in self._dirty_fds and fd not in self._busy
 
-    def close_fd(self, fd: int) -> None:
-        """Close ``fd`` now if idle, else once a sync round has synced it.
-
-        Starts that round if none is running (see the module docstring).
+    def close_fd(self, fd: int, path: str) -> None:
+        """Close ``fd`` (open on ``path``) now if idle or if nothing waits for syncs,
+        else once a sync round has synced it (see the module docstring).
         """
+        if (
+            self._policy is not FsyncPolicy.ALWAYS
+            and fd in self._dirty_fds
+            and fd not in self._busy
+            and self.failure is None
+        ):
+            self._dirty_fds.discard(fd)
+            self._dirty_paths[path] = None
+            self._close(fd)
+            return
         if fd in self._busy or (fd in self._dirty_fds and self.failure is None):
             self._closing.add(fd)
             if self._round is None and fd not in self._busy:
@@ -297,6 +311,8 @@ class GroupCommit:
         def sync_path(path: str, missed: list[str]) -> None:
             try:
                 fs.sync_path(path)
+            except FileNotFoundError:
+                pass  # removed since it was written (a deleted segment): nothing to sync
             except OSError as exc:
                 if exc.errno not in FD_EXHAUSTED:
                     raise

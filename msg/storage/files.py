@@ -15,15 +15,14 @@ The limit. Descriptors are shared with the broker's sockets, which need most of 
 :data:`MAX_DEFAULT_LIMIT` (beyond that a larger cache saves nothing measurable: a
 reopen costs a few microseconds). ``FileStore(max_open_files=...)`` overrides it.
 
-Closing and group commit. The group commit (:mod:`.commit`) fsyncs by descriptor, so
-a descriptor with writes its sync round has not yet synced must stay open until it
-has: the cache never closes one itself. It hands every descriptor it lets go of to
-:meth:`GroupCommit.close_fd`, which closes an idle one at once and a dirty one right
-after the round that syncs it (and starts that round if none is coming). The file's
-next use opens a new descriptor; both are the same inode, so writes through either
-are covered by the fsyncs of both. Idle descriptors are closed at once, so their
-numbers can be reused by the kernel; a dirty one's number is not reused while the
-group commit still knows it, because it is still open.
+Closing and group commit. The cache never closes a descriptor itself: it hands
+every one it lets go of to :meth:`GroupCommit.close_fd`, which closes an idle one at
+once, and a dirty one at once too under ``everysec`` and ``never`` (its path is then
+synced by the next round), but under ``always`` only right after the round that
+syncs it (rounds fsync by descriptor there). The file's next use opens a new
+descriptor; both are the same inode, so writes through either are covered by an
+fsync of either. A dirty descriptor's number is not reused while the group commit
+still knows it, because it is still open.
 
 Running out of descriptors (EMFILE: this process; ENFILE: the whole system) is
 transient, not a disk fault, and never turns the store read-only. The rule:
@@ -287,17 +286,17 @@ class OpenFiles:
             return
         file.fd = None
         self._open.pop(file, None)
-        self._close(fd)
+        self._close(fd, file.path)
 
     def _evict(self, count: int) -> None:
         victims = list(self._open)[:count] if count > 1 else [next(iter(self._open))]
         for file in victims:
             self.release(file)
 
-    def _close(self, fd: int) -> None:
+    def _close(self, fd: int, path: str) -> None:
         commit = self.commit
         if commit is not None:
-            commit.close_fd(fd)
+            commit.close_fd(fd, path)
             return
         try:
             self.fs.close(fd)
