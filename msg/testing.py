@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,9 +44,15 @@ class BrokerProcess:
         start_timeout: float = 20.0,
         rlimit_nofile: int | None = None,
     ) -> None:
-        """``rlimit_nofile``: the broker's soft limit on open files (``ulimit -n``),
-        set before it starts (POSIX only), to test it running out of descriptors."""
-        self.data_dir = Path(data_dir) if data_dir is not None else None
+        """``data_dir``: where the broker keeps its data; by default a new temporary
+        directory, kept across restarts of this object and removed when its ``with``
+        block ends (never the broker's own default, ``./.msg_data`` in the current
+        directory). ``rlimit_nofile``: the broker's soft limit on open files (``ulimit
+        -n``), set before it starts (POSIX only), to test it running out of descriptors."""
+        self._own_data_dir = data_dir is None
+        self.data_dir = (
+            Path(tempfile.mkdtemp(prefix="msg-broker-")) if data_dir is None else Path(data_dir)
+        )
         self.args = list(args)
         self.env = env
         self.rlimit_nofile = rlimit_nofile
@@ -68,6 +76,8 @@ class BrokerProcess:
     ) -> None:
         if self.process is not None and self.process.poll() is None:
             self.stop()
+        if self._own_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -76,8 +86,7 @@ class BrokerProcess:
     def start(self) -> None:
         """Start the broker and wait until it accepts connections."""
         command = [sys.executable, "-m", "msg", "serve", "--host", self.host, "--port", "0"]
-        if self.data_dir is not None:
-            command += ["--data-dir", str(self.data_dir)]
+        command += ["--data-dir", str(self.data_dir)]
         command += self.args
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")

@@ -198,3 +198,25 @@ async def test_a_second_broker_cannot_use_the_same_data_dir(data_dir: Path) -> N
             second.start()
         assert second.process is not None
         assert second.process.wait(10) != 0
+
+
+async def test_a_broker_process_without_a_data_dir_keeps_one_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not the broker's default (./.msg_data in the current directory): a test must not
+    # leave data where it was run from, and a restart of the same object finds its data.
+    monkeypatch.chdir(tmp_path)
+    with BrokerProcess() as broker:
+        data_dir = broker.data_dir
+        conn = await Raw.connect(broker.port)
+        try:
+            reply = await conn.request(publish("jobs", "kept", mode="queue"))
+            assert reply["type"] == "ack", reply
+        finally:
+            await conn.close()
+        assert broker.stop() == 0
+        broker.start()
+        [message] = await drain_queue(broker.port, "jobs", 1)
+        assert message["message"] == "kept"
+    assert not data_dir.exists()
+    assert not (tmp_path / ".msg_data").exists()
