@@ -177,6 +177,10 @@ COMPACT_LIVE_RATIO: Final = 10
 # Rewrite cursors.log once it holds this many records and four times the live
 # cursors: a few hundred KiB of replay at most, rewritten rarely.
 CURSOR_COMPACT_RECORDS: Final = 4096
+# ... or once it is this large and four times its size after the last rewrite: a
+# record holds a cursor's acked ranges too, so a few records can be large (a
+# subscriber holding every other message of a 65,535 prefetch: ~1 MB each).
+CURSOR_COMPACT_BYTES: Final = 4 * 1024 * 1024
 # EVERYSEC: Redis's appendfsync everysec interval.
 EVERYSEC_INTERVAL: Final = 1.0
 # Seconds between two reads of the free space (one statvfs each): ten a second is
@@ -1251,8 +1255,11 @@ class FileStore:
 
     async def _compact_cursors(self, log: TopicLog) -> None:
         cursors = log.index.cursors
-        if log.cursors is None or log.cursor_records <= max(
-            CURSOR_COMPACT_RECORDS, 4 * len(cursors)
+        if log.cursors is None:
+            return
+        size = log.cursors.size
+        if log.cursor_records <= max(CURSOR_COMPACT_RECORDS, 4 * len(cursors)) and (
+            size <= max(CURSOR_COMPACT_BYTES, 4 * log.cursor_live_bytes)
         ):
             return
         fs = self._fs
@@ -1297,6 +1304,7 @@ class FileStore:
         self._ready().changed_dir(log.dir)
         log.cursors = LogFile(self._files, path, len(data))
         log.cursor_records = len(cursors)
+        log.cursor_live_bytes = len(data)
         log.cursors_corrupt = False
 
     # -- recovery --------------------------------------------------------------------

@@ -106,6 +106,7 @@ class TopicLog(Log):
     __slots__ = (
         "bytes",
         "count",
+        "cursor_live_bytes",
         "cursor_records",
         "cursor_version",
         "cursors",
@@ -123,6 +124,8 @@ class TopicLog(Log):
         self.bytes = sum(segment.bytes for segment in segments)
         self.cursors: LogFile | None = None
         self.cursor_records = 0
+        self.cursor_live_bytes = 0
+        """Size of cursors.log right after its last rewrite (0: not rewritten yet)."""
         self.cursor_version = 0
         self.cursors_corrupt = False
         """cursors.log has a corrupt record: keep a copy before rewriting it."""

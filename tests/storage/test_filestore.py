@@ -566,6 +566,28 @@ async def test_cursor_log_is_compacted(tmp_path: Path) -> None:
         assert cursors == {"c0": 7, "c1": 5996, "c2": 5997, "c3": 5998, "c4": 5999}
 
 
+async def test_cursor_log_of_few_large_records_is_compacted(tmp_path: Path) -> None:
+    # Under the record-count trigger, but large: a subscriber holding every other
+    # message writes one range per acked message into each record.
+    acked = tuple((p, p) for p in range(2, 40_000, 2))
+    async with opened(tmp_path) as store:
+        await store.append([tapp("t0")])
+        commit = CursorCommit(T, "held", 0, acked)
+        for _ in range(20):
+            assert await store.commit_cursors([commit]) == [None]
+        path = segment_files(tmp_path, "topics", T)[0].parent / "cursors.log"
+        before = path.stat().st_size
+        assert before > 4 * 1024 * 1024  # 20 records, each ~250 KB
+        await store.maintain(1000.0)
+        after = path.stat().st_size
+        assert after < before // 10
+        await store.maintain(2000.0)
+        assert path.stat().st_size == after  # nothing new: no second rewrite
+    async with opened(tmp_path) as store:
+        cursor = await store.open_cursor(T, "held")
+        assert (cursor.position, cursor.acked) == (0, acked)
+
+
 async def test_acked_ranges_survive_a_restart_and_the_cursor_log_rewrite(
     tmp_path: Path,
 ) -> None:
