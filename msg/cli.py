@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--ack-timeout", type=float, help="seconds before an unacked delivery is redelivered"
     )
+    serve.add_argument(
+        "--max-deliveries",
+        type=int,
+        help="deliveries of a queue message before it is dead-lettered (default 20; 0: no limit)",
+    )
     serve.add_argument("--segment-bytes", type=parse_size)
     serve.add_argument(
         "--min-free-bytes",
@@ -104,6 +109,7 @@ _SERVE_FLAGS = (
     "max_pending_bytes",
     "max_queue_messages",
     "ack_timeout",
+    "max_deliveries",
     "segment_bytes",
     "min_free_bytes",
 )

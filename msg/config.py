@@ -64,6 +64,11 @@ class Config:
     ack_timeout: float | None = 30 * 60.0
     """A delivery not settled this long is given to another consumer (RabbitMQ's
     consumer_timeout default is 30 minutes). None: wait forever."""
+    max_deliveries: int = 20
+    """Deliveries of a queue message to manual-ack consumers before it is dead-lettered
+    instead of delivered again (a poison message that crashes every consumer would
+    otherwise loop forever). RabbitMQ 4's quorum queues default to 20 as well; NATS
+    calls it MaxDeliver. 0: no limit."""
     retention_messages: int | None = 1_000_000
     """Messages kept per topic log (for durable subscribers and replay)."""
     retention_bytes: int | None = 1024**3
@@ -102,6 +107,7 @@ class Config:
         _positive("max_inflight_requests", self.max_inflight_requests)
         _positive("segment_bytes", self.segment_bytes, minimum=4096)
         _positive("min_free_bytes", self.min_free_bytes, minimum=0)
+        _positive("max_deliveries", self.max_deliveries, minimum=0)
         for name in ("max_queue_messages", "retention_messages", "retention_bytes"):
             value = getattr(self, name)
             if value is not None:
@@ -133,6 +139,7 @@ _KINDS: Final[Mapping[str, str]] = {
     "max_inflight_requests": "int",
     "max_queue_messages": "int?",
     "ack_timeout": "seconds?",
+    "max_deliveries": "int",
     "retention_messages": "int?",
     "retention_bytes": "int?",
     "retention_age": "seconds?",
@@ -214,6 +221,7 @@ _PARSERS: Final[Mapping[str, Callable[[str], Any]]] = {
     "max_inflight_requests": int,
     "max_queue_messages": _optional(int),
     "ack_timeout": _optional(float),
+    "max_deliveries": int,
     "retention_messages": _optional(int),
     "retention_bytes": _optional(parse_size),
     "retention_age": _optional(float),

@@ -115,6 +115,7 @@ class Server:
             ids=SequentialIds(_id_prefix()),
             now=time.time(),
             ack_timeout=config.ack_timeout,
+            max_deliveries=config.max_deliveries,
             info={
                 "version": __version__,
                 "fsync": config.fsync.value if config.storage == "file" else None,

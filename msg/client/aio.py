@@ -631,10 +631,13 @@ class Client:
         """Ack a manual-ack message by id (see also :meth:`Message.ack`)."""
         _checked(await self._request("ack", message_id=message_id))
 
-    async def nack(self, message_id: str, requeue: bool = True) -> None:
+    async def nack(self, message_id: str, requeue: bool = True, reason: str | None = None) -> None:
         """Give a message back by id: deliver it again, or (``requeue=False``) move it
-        to the dead-letter queue ``$dead.<queue>``."""
-        _checked(await self._request("nack", message_id=message_id, requeue=requeue))
+        to the dead-letter queue ``$dead.<queue>``, with ``reason`` kept with it."""
+        fields: dict[str, Any] = {"message_id": message_id, "requeue": requeue}
+        if reason is not None:
+            fields["reason"] = reason
+        _checked(await self._request("nack", **fields))
 
     async def ping(self) -> float:
         """Round trip to the broker; returns the seconds it took."""

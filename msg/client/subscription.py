@@ -54,6 +54,7 @@ class Message:
         "message_id",
         "mode",
         "raw",
+        "reason",
         "redelivered",
         "subscription",
         "topic",
@@ -68,6 +69,9 @@ class Message:
         self.redelivered: bool = raw.get("redelivered", False)
         self.attempt: int = raw.get("attempt", 1)
         """1 for the first delivery, 2 for the first redelivery, and so on."""
+        self.reason: str | None = raw.get("reason")
+        """Why it was dead-lettered (messages of a ``$dead.`` queue whose nack gave one,
+        or that reached the broker's delivery limit)."""
         self.durable: str | None = raw.get("durable")
         """The durable subscription's name, for messages delivered through one."""
         self.subscription = subscription
@@ -90,9 +94,13 @@ class Message:
         """
         await self.subscription.client._settle(self, "ack")
 
-    async def nack(self, *, requeue: bool = True) -> None:
-        """Give the message back: deliver it again (``requeue``) or dead-letter it."""
-        await self.subscription.client._settle(self, "nack", requeue=requeue)
+    async def nack(self, *, requeue: bool = True, reason: str | None = None) -> None:
+        """Give the message back: deliver it again (``requeue``) or dead-letter it, with
+        ``reason`` kept with the dead letter (at most 1,000 characters)."""
+        fields: dict[str, Any] = {"requeue": requeue}
+        if reason is not None:
+            fields["reason"] = reason
+        await self.subscription.client._settle(self, "nack", **fields)
 
 
 class Subscription:

@@ -160,9 +160,9 @@ class SyncMessage:
         """Tell the broker this message is done (manual-ack subscriptions)."""
         self._client._run(self.message.ack())
 
-    def nack(self, *, requeue: bool = True) -> None:
-        """Give the message back: deliver it again, or dead-letter it."""
-        self._client._run(self.message.nack(requeue=requeue))
+    def nack(self, *, requeue: bool = True, reason: str | None = None) -> None:
+        """Give the message back: deliver it again, or dead-letter it (with ``reason``)."""
+        self._client._run(self.message.nack(requeue=requeue, reason=reason))
 
 
 class SyncSubscription:
@@ -381,9 +381,9 @@ class SyncClient:
         """Ack a message by id."""
         self._run(self.client.ack(message_id))
 
-    def nack(self, message_id: str, requeue: bool = True) -> None:
-        """Nack a message by id."""
-        self._run(self.client.nack(message_id, requeue))
+    def nack(self, message_id: str, requeue: bool = True, reason: str | None = None) -> None:
+        """Nack a message by id (``reason``: kept with a dead letter)."""
+        self._run(self.client.nack(message_id, requeue, reason))
 
     def ping(self) -> float:
         """Round trip to the broker, in seconds."""

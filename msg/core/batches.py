@@ -116,12 +116,24 @@ class AppendBatch:
 class SettleGroup:
     """The acks (or nacks) of one batch for one consumer of one queue, one outcome."""
 
-    __slots__ = ("consumer", "failure", "message_ids", "outcome", "queue", "text", "unknown")
+    __slots__ = (
+        "consumer",
+        "failure",
+        "message_ids",
+        "outcome",
+        "queue",
+        "reason",
+        "text",
+        "unknown",
+    )
 
-    def __init__(self, queue: str, consumer: str, outcome: Outcome) -> None:
+    def __init__(
+        self, queue: str, consumer: str, outcome: Outcome, reason: str | None = None
+    ) -> None:
         self.queue = queue
         self.consumer = consumer
         self.outcome = outcome
+        self.reason = reason
         self.message_ids: list[str] = []
         self.unknown: frozenset[str] = frozenset()
         self.failure: StoreFailure | None = None
@@ -169,21 +181,25 @@ class SettleBatch:
 
     def __init__(self) -> None:
         self.groups: list[SettleGroup] = []
-        self.keyed: dict[tuple[str, str, Outcome], SettleGroup] = {}
+        self.keyed: dict[tuple[str, str, Outcome, str | None], SettleGroup] = {}
         self.runs: list[ReplyRun] = []
 
-    def group(self, queue: str, consumer: str, outcome: Outcome) -> SettleGroup:
-        """The group for that consumer and outcome (created on first use)."""
-        key = (queue, consumer, outcome)
+    def group(
+        self, queue: str, consumer: str, outcome: Outcome, reason: str | None = None
+    ) -> SettleGroup:
+        """The group for that consumer, outcome and reason (created on first use)."""
+        key = (queue, consumer, outcome, reason)
         group = self.keyed.get(key)
         if group is None:
-            group = self.keyed[key] = SettleGroup(queue, consumer, outcome)
+            group = self.keyed[key] = SettleGroup(queue, consumer, outcome, reason)
             self.groups.append(group)
         return group
 
     def items(self) -> list[Settle]:
         """What the store is asked to do."""
-        return [Settle(g.queue, g.consumer, g.message_ids, g.outcome) for g in self.groups]
+        return [
+            Settle(g.queue, g.consumer, g.message_ids, g.outcome, g.reason) for g in self.groups
+        ]
 
 
 class ReplyRun:

@@ -251,6 +251,9 @@ class QueueState:
     published: int = 0
     delivered: int = 0
     acked: int = 0
+    dead_lettered: int = 0
+    """Messages moved to the dead-letter queue: nacked without requeue, or delivered
+    ``max_deliveries`` times."""
 
     def add(self, consumer: QueueConsumer) -> None:
         self.consumers.append(consumer)

@@ -106,7 +106,7 @@ from msg.protocol.frames import (
     Subscribe,
     Unsubscribe,
 )
-from msg.protocol.names import dead_letter_queue
+from msg.protocol.names import DEAD_LETTER_PREFIX, dead_letter_queue
 
 __all__ = ["DEFAULT_ACK_TIMEOUT", "Router"]
 
@@ -155,11 +155,15 @@ class Router:
         ids: IdSource,
         now: float,
         ack_timeout: float | None = DEFAULT_ACK_TIMEOUT,
+        max_deliveries: int = 0,
         info: Mapping[str, Any] | None = None,
     ) -> None:
+        """``max_deliveries``: a queue message claimed for a manual-ack consumer for
+        the time after this many is dead-lettered instead (0: no limit)."""
         self._ids = ids
         self._started = now
         self._ack_timeout = ack_timeout
+        self._max_deliveries = max_deliveries
         self._info = dict(info or {})
         self._sessions: dict[int, Session] = {}
         self._topics: dict[str, TopicState] = {}
@@ -631,9 +635,16 @@ class Router:
     def _on_nack(self, session: Session, request: Nack, now: float) -> None:
         self.counters.nacked += 1
         outcome = Outcome.REQUEUE if request.requeue else Outcome.DEAD
-        self._settle(session, request.message_id, outcome, request.id)
+        self._settle(session, request.message_id, outcome, request.id, request.reason)
 
-    def _settle(self, session: Session, message_id: str, outcome: Outcome, rid: JsonScalar) -> None:
+    def _settle(
+        self,
+        session: Session,
+        message_id: str,
+        outcome: Outcome,
+        rid: JsonScalar,
+        reason: str | None = None,
+    ) -> None:
         holder = session.outstanding.pop(message_id, None)
         if holder is None:
             self._run = None
@@ -652,9 +663,14 @@ class Router:
             if outcome is Outcome.ACK:
                 queue.acked += 1
                 self.counters.acked += 1
+            elif outcome is Outcome.DEAD:
+                queue.dead_lettered += 1
+                self.counters.dead_lettered += 1
             self._to_dispatch[queue.name] = queue
             batch = self._settles or self._new_settle_batch()
-            group = batch.group(queue.name, holder.consumer_id, outcome)
+            group = batch.group(
+                queue.name, holder.consumer_id, outcome, reason if outcome is Outcome.DEAD else None
+            )
             ids = group.message_ids
             ids.append(message_id)
             run = self._run
@@ -744,6 +760,12 @@ class Router:
         for claim, (queue, generation), deliveries in zip(
             batch.claims, batch.queues, results, strict=True
         ):
+            if (
+                self._max_deliveries
+                and not claim.auto_ack
+                and not queue.name.startswith(DEAD_LETTER_PREFIX)
+            ):
+                deliveries = self._over_the_limit(queue, deliveries)
             by_id = queue.by_id
             for consumer_id, slots in Counter(claim.consumers).items():
                 consumer = by_id.get(consumer_id)
@@ -767,12 +789,14 @@ class Router:
                     # followed the claim has already made the message ready again.
                     continue
                 message_id = delivery.message_id
-                if delivery.attempt == 1:
+                if delivery.attempt == 1 and delivery.reason is None:
                     frame = b"".join(
                         (prefix, delivery.payload, _ID_HEAD, message_id.encode(), _ID_TAIL)
                     )
                 else:
-                    frame = encode_delivery(prefix, delivery.payload, message_id, delivery.attempt)
+                    frame = encode_delivery(
+                        prefix, delivery.payload, message_id, delivery.attempt, delivery.reason
+                    )
                 if out.held:
                     out.held.append(frame)
                 else:
@@ -791,6 +815,33 @@ class Router:
             if len(deliveries) < len(claim.consumers) and generation == queue.ready_generation:
                 queue.maybe_ready = False
             self._to_dispatch[queue.name] = queue
+
+    def _over_the_limit(self, queue: QueueState, deliveries: list[Delivery]) -> list[Delivery]:
+        """Dead-letter the claimed messages past the delivery limit (a poison message
+        would otherwise go round the consumers forever); return the others."""
+        limit = self._max_deliveries
+        if all(delivery.attempt <= limit for delivery in deliveries):
+            return deliveries
+        kept: list[Delivery] = []
+        reason = f"delivered {limit} times without an ack (max_deliveries)"
+        for delivery in deliveries:
+            if delivery.attempt <= limit:
+                kept.append(delivery)
+                continue
+            log.warning(
+                "queue %r: message %s was delivered %d times without an ack; moved to %r",
+                queue.name,
+                delivery.message_id,
+                limit,
+                dead_letter_queue(queue.name),
+            )
+            batch = self._settles or self._new_settle_batch()
+            batch.group(queue.name, delivery.consumer, Outcome.DEAD, reason).message_ids.append(
+                delivery.message_id
+            )
+            queue.dead_lettered += 1
+            self.counters.dead_lettered += 1
+        return kept
 
     def _claim_failed(self, batch: _ClaimBatch) -> None:
         for claim, (queue, _generation) in zip(batch.claims, batch.queues, strict=True):
@@ -1129,6 +1180,7 @@ class Router:
                 "published": queue.published if queue else 0,
                 "delivered": queue.delivered if queue else 0,
                 "acked": queue.acked if queue else 0,
+                "dead_lettered": queue.dead_lettered if queue else 0,
             }
         topics: dict[str, dict[str, Any]] = {}
         names = sorted(set(stats.topics) | {n for n, t in self._topics.items() if t.subscribers})
@@ -1171,6 +1223,7 @@ class Router:
                     "delivered": counters.delivered,
                     "acked": counters.acked,
                     "nacked": counters.nacked,
+                    "dead_lettered": counters.dead_lettered,
                     "rejected": counters.rejected,
                     "errors": counters.errors,
                     "connections": counters.connections,

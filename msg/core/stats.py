@@ -20,6 +20,9 @@ class Counters:
     delivered: int = 0
     acked: int = 0
     nacked: int = 0
+    dead_lettered: int = 0
+    """Queue messages moved to their ``$dead.`` queue (nacked without requeue, or
+    delivered ``max_deliveries`` times)."""
     rejected: int = 0
     """Publishes refused (storage full or failing, bad input is not counted)."""
     errors: int = 0

@@ -431,7 +431,9 @@ _SUBSCRIBE_FIELDS: Final = frozenset(
 )
 _UNSUBSCRIBE_FIELDS: Final = frozenset({"action", "id", "topic", "mode", "durable"})
 _ACK_FIELDS: Final = frozenset({"action", "id", "message_id"})
-_NACK_FIELDS: Final = frozenset({"action", "id", "message_id", "requeue"})
+_NACK_FIELDS: Final = frozenset({"action", "id", "message_id", "requeue", "reason"})
+MAX_REASON_CHARS: Final = 1000
+"""Longest ``reason`` a nack may give: a sentence or a stack trace's last line, not a log."""
 _BARE_FIELDS: Final = frozenset({"action", "id"})
 
 
@@ -492,7 +494,18 @@ def _parse_nack(obj: dict[str, Any], rid: JsonScalar) -> Nack:
     requeue = obj.get("requeue", True)
     if type(requeue) is not bool:
         raise _Rejected(ErrorCode.BAD_REQUEST, "'requeue' must be true or false")
-    return Nack(message_id, requeue, rid)
+    reason = obj.get("reason")
+    if reason is not None:
+        if type(reason) is not str:
+            raise _Rejected(
+                ErrorCode.BAD_REQUEST, f"'reason' must be a string, not {_kind(reason)}"
+            )
+        if len(reason) > MAX_REASON_CHARS:
+            raise _Rejected(
+                ErrorCode.BAD_REQUEST,
+                f"'reason' is {len(reason)} characters long; the most is {MAX_REASON_CHARS}",
+            )
+    return Nack(message_id, requeue, rid, reason)
 
 
 def _parse_ping(obj: dict[str, Any], rid: JsonScalar) -> Ping:
@@ -580,8 +593,16 @@ def delivery_prefix(topic: str, mode: Mode, durable: str | None = None) -> bytes
     return head
 
 
-def encode_delivery(prefix: bytes, payload: bytes, message_id: str, attempt: int = 1) -> bytes:
-    """A delivery frame: ``prefix`` from :func:`delivery_prefix`, then the message."""
+def encode_delivery(
+    prefix: bytes, payload: bytes, message_id: str, attempt: int = 1, reason: str | None = None
+) -> bytes:
+    """A delivery frame: ``prefix`` from :func:`delivery_prefix`, then the message
+    (with the ``reason`` it was dead-lettered for, from a ``$dead.`` queue)."""
+    if reason is not None:
+        head = b"".join((prefix, payload, b',"message_id":"', message_id.encode(), b'"'))
+        if attempt != 1:
+            head += b',"redelivered":true,"attempt":%d' % attempt
+        return head + b',"reason":' + dumps(reason) + b"}\n"
     # One join, not a chain of +: each + would allocate and copy an intermediate.
     if attempt == 1:
         return b"".join((prefix, payload, b',"message_id":"', message_id.encode(), b'"}\n'))

@@ -130,6 +130,8 @@ class Nack:
     message_id: str
     requeue: bool = True
     id: JsonScalar = None
+    reason: str | None = None
+    """Why (for a dead letter: kept with it and delivered with it from ``$dead.<queue>``)."""
 
 
 @dataclass(slots=True)

@@ -107,6 +107,50 @@ async def test_nack_without_requeue_dead_letters(client: Client, other: Client) 
         await client.ack(corpse.message_id)
 
 
+async def test_a_dead_letter_carries_its_reason_across_a_restart(broker: BrokerProcess) -> None:
+    async with await Client.connect(broker.host, broker.port) as client:
+        await client.publish("work", {"n": 1}, queue=True)
+        async with await client.subscribe("work", queue=True, ack="manual") as work:
+            message = await work.next(timeout=5)
+            await message.nack(requeue=False, reason="schema v1 is no longer accepted")
+    assert broker.stop() == 0
+    broker.start()
+    async with (
+        await Client.connect(broker.host, broker.port) as client,
+        await client.subscribe("$dead.work", queue=True, ack="manual") as dead,
+    ):
+        corpse = await dead.next(timeout=5)
+        assert corpse.data == {"n": 1}
+        assert corpse.reason == "schema v1 is no longer accepted"
+        await corpse.ack()
+
+
+async def test_a_poison_message_stops_after_max_deliveries(tmp_path: Path) -> None:
+    with BrokerProcess(tmp_path / "data", args=["--max-deliveries", "2"]) as broker:
+        async with await Client.connect(broker.host, broker.port) as client:
+            await client.publish("work", "poison", queue=True)
+            await client.publish("work", "fine", queue=True)
+            seen: list[tuple[Any, int]] = []
+            async with await client.subscribe("work", queue=True, ack="manual") as work:
+                while len(seen) < 3:
+                    message = await work.next(timeout=5)
+                    seen.append((message.data, message.attempt))
+                    if message.data == "poison":
+                        await message.nack()  # requeue
+                    else:
+                        await message.ack()
+            assert sorted(seen, key=str) == [("fine", 1), ("poison", 1), ("poison", 2)]
+            async with await client.subscribe("$dead.work", queue=True, ack="manual") as dead:
+                corpse = await dead.next(timeout=5)
+                assert corpse.data == "poison"
+                assert corpse.reason == "delivered 2 times without an ack (max_deliveries)"
+                await corpse.ack()
+            status = await client.status()
+            assert status["queues"]["work"]["dead_lettered"] == 1
+            assert status["queues"]["work"]["depth"] == 0
+        assert any("delivered 2 times without an ack" in line for line in broker.log_lines)
+
+
 async def test_queue_shares_messages_between_consumers(
     client: Client, other: Client, broker: BrokerProcess
 ) -> None:

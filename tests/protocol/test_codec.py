@@ -262,6 +262,16 @@ CANONICAL: Final = [
         Nack("m-1", False, 2),
         id="nack-dead-letter",
     ),
+    pytest.param(
+        b'{"action":"nack","message_id":"m-1","requeue":false,"reason":"bad \\"input\\" \xc3\xa9"}',
+        Nack("m-1", False, None, 'bad "input" \u00e9'),
+        id="nack-reason",
+    ),
+    pytest.param(
+        b'{"action":"nack","message_id":"m-1","reason":"' + b"r" * 1000 + b'"}',
+        Nack("m-1", True, None, "r" * 1000),
+        id="nack-reason-longest",
+    ),
     # ping / status
     pytest.param(b'{"action":"ping"}', Ping(None), id="ping"),
     pytest.param(b'{"action":"ping","id":"p"}', Ping("p"), id="ping-id"),
@@ -880,6 +890,18 @@ ERRORS: Final = [
             ("one", b"1"),
             ("null", b"null"),
         ]
+    ),
+    pytest.param(
+        b'{"action":"nack","message_id":"m","reason":42}',
+        ErrorCode.BAD_REQUEST,
+        "'reason' must be a string, not a number",
+        id="nack-reason-number",
+    ),
+    pytest.param(
+        b'{"action":"nack","message_id":"m","reason":"' + b"r" * 1001 + b'"}',
+        ErrorCode.BAD_REQUEST,
+        "'reason' is 1001 characters long; the most is 1000",
+        id="nack-reason-too-long",
     ),
     pytest.param(
         b'{"action":"ack","message_id":"' + b"m" * 129 + b'"}',
