@@ -445,7 +445,16 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     queues: dict[str, dict[str, Any]] = status.get("queues") or {}
     if queues:
-        columns = ["depth", "unacked", "consumers", "published", "delivered", "acked", "bytes"]
+        columns = [
+            "depth",
+            "unacked",
+            "consumers",
+            "published",
+            "delivered",
+            "acked",
+            "dead_lettered",
+            "bytes",
+        ]
         rows = [[name] + [_cell(queue.get(c)) for c in columns] for name, queue in queues.items()]
         lines += _table(["QUEUE", *(c.upper() for c in columns)], rows)
     else:
