@@ -279,31 +279,41 @@ async def consumer(
 ) -> None:
     """Ack every delivery (id ``prefix`` + message id) until ``count`` acks are confirmed.
 
-    With ``rng``, hold about one delivery in five back and ack the held ones (newest
-    first) a few deliveries later, so acks arrive out of order."""
+    With ``rng``, hold about one delivery in five back, ack the later ones, and ack the
+    held ones (newest first) only once every ack sent after them was answered: each
+    such answer waited for a cursor record whose floor is a held message and whose
+    acked ranges hold the later one, so out-of-order acks are written as ranges
+    whatever the timing."""
     client = await Raw.connect(port)
     try:
         await client.send(subscribe)
         assert (await client.recv())["type"] == "ack"
-        acked = delivered = 0
+        acked = delivered = sent = 0
         held: list[str] = []
+        sent_when_held = 0
+
+        def ack(message_id: str) -> dict[str, Any]:
+            return {"action": "ack", "id": prefix + message_id, "message_id": message_id}
+
         while acked < count:
             frame = await client.recv()
             if frame["type"] == "message":
                 delivered += 1
-                held.append(frame["message_id"])
+                message_id = frame["message_id"]
                 if rng is not None and rng.random() < 0.2 and len(held) < 8 and delivered < count:
+                    if not held:
+                        sent_when_held = sent
+                    held.append(message_id)
                     continue
-                await client.send(
-                    *(
-                        {"action": "ack", "id": prefix + message_id, "message_id": message_id}
-                        for message_id in reversed(held)
-                    )
-                )
-                held.clear()
+                await client.send(ack(message_id))
+                sent += 1
             else:
                 assert frame["type"] == "ack", frame
                 acked += 1
+            if held and acked == sent > sent_when_held:
+                await client.send(*(ack(message_id) for message_id in reversed(held)))
+                sent += len(held)
+                held.clear()
     finally:
         await client.close()
 
