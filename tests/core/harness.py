@@ -113,3 +113,13 @@ class Harness:
     def messages(self, session_id: int) -> list[dict[str, Any]]:
         """Take only the delivered messages."""
         return [f for f in self.take(session_id) if f["type"] == "message"]
+
+
+def publish(topic: str, message: Any, mode: str = "pubsub", **extra: Any) -> dict[str, Any]:
+    """A publish request."""
+    return {"action": "publish", "topic": topic, "message": message, "mode": mode, **extra}
+
+
+def subscribe(topic: str, mode: str = "pubsub", **extra: Any) -> dict[str, Any]:
+    """A subscribe request."""
+    return {"action": "subscribe", "topic": topic, "mode": mode, **extra}

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.core.harness import Harness
-from tests.core.test_router import publish, subscribe
+from tests.core.harness import Harness, publish, subscribe
 
 
 def nack(message: dict[str, Any], **fields: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ store's half is in tests/storage, a real broker's in tests/integration.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -17,11 +17,7 @@ from msg.core.model import AckedPositions
 from msg.persistence import Cursor, CursorCommit, StoreFailure
 from msg.protocol.codec import parse_request
 from msg.storage.memory import MemoryStore
-from tests.core.harness import Harness, run_now
-
-
-def publish(topic: str, message: Any) -> dict[str, Any]:
-    return {"action": "publish", "topic": topic, "message": message}
+from tests.core.harness import Harness, publish, run_now
 
 
 def subscribe(name: str, **extra: Any) -> dict[str, Any]:
@@ -30,15 +26,6 @@ def subscribe(name: str, **extra: Any) -> dict[str, Any]:
 
 def ack(message: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"action": "ack", "message_id": message["message_id"], **extra}
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness()
-    yield harness
-    harness.pump()
-    for session_id in harness.received:
-        assert harness.router.pending_replies(session_id) == 0
 
 
 def publish_n(h: Harness, count: int) -> None:

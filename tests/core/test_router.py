@@ -2,33 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from msg.persistence import StoreFailure
 from msg.protocol.codec import parse_request
-from tests.core.harness import Harness
-
-
-def publish(topic: str, message: Any, mode: str = "pubsub", **extra: Any) -> dict[str, Any]:
-    return {"action": "publish", "topic": topic, "message": message, "mode": mode, **extra}
-
-
-def subscribe(topic: str, mode: str = "pubsub", **extra: Any) -> dict[str, Any]:
-    return {"action": "subscribe", "topic": topic, "mode": mode, **extra}
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness()
-    yield harness
-    # Whatever a test did, every request that was answered "later" has been answered.
-    harness.pump()
-    for session_id in harness.received:
-        assert harness.router.pending_replies(session_id) == 0
-
+from tests.core.harness import Harness, publish, subscribe
 
 # ---------------------------------------------------------------------------
 # pub/sub
