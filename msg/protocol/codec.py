@@ -260,7 +260,8 @@ class RequestReader:
                             and len(obj) == 3 + (raw_mode is not None) + (rid is not None)
                         ):
                             try:
-                                payload = dumps(obj["message"])
+                                # Copied to an exact-size object: see _KEEP_COPY.
+                                payload = _KEEP_COPY % dumps(obj["message"])
                             except (EncodeError, RecursionError):
                                 pass
                             else:
@@ -358,6 +359,13 @@ def parse_request(obj: Any) -> Request | RequestError:
 
 
 _SCALARS: Final = (str, int, float, bool)
+# A payload is kept until the store has written it, hundreds per read. orjson's dumps
+# returns a bytes object carved from a larger allocation (too large for Python's small
+# object allocator); keeping many of them makes each new one a fresh malloc that
+# touches new memory, which measured ~1.8 us per message here, more than decoding the
+# whole request. Formatting it into a new, exact-size object (~0.05 us) and dropping
+# the original lets the next dumps reuse the same buffer.
+_KEEP_COPY: Final = b"%b"
 
 
 def _check_fields(obj: dict[str, Any], action: str, allowed: frozenset[str]) -> None:
@@ -444,7 +452,7 @@ def _parse_publish(obj: dict[str, Any], rid: JsonScalar) -> Publish:
     if "message" not in obj:
         raise _Rejected(ErrorCode.BAD_REQUEST, "publish needs a 'message' (any JSON value)")
     try:
-        payload = dumps(obj["message"])
+        payload = _KEEP_COPY % dumps(obj["message"])
     except (EncodeError, RecursionError) as exc:
         raise _Rejected(ErrorCode.BAD_REQUEST, f"'message' cannot be stored: {exc}") from None
     return Publish(topic, payload, mode, rid)
