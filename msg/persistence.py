@@ -173,6 +173,11 @@ class Append:
     message_ids: Sequence[str]
     payloads: Sequence[bytes]
     published_at: float
+    fresh: bool = False
+    """The caller made every id just now, for this first attempt (the broker's own
+    ids for new publishes): none can be held already or repeat within the append, so
+    the store may skip looking them up. It still remembers them, so a later resend of
+    the same append (``fresh`` False) is recognised. Never set it on a resend."""
 
 
 @dataclass(frozen=True, slots=True)

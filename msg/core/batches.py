@@ -110,7 +110,10 @@ class AppendBatch:
     def items(self) -> list[Append]:
         """What the store is asked to do."""
         at = self.published_at
-        return [Append(g.kind, g.name, g.message_ids, g.payloads, at) for g in self.groups]
+        # The router made the ids of these publishes itself, just now.
+        return [
+            Append(g.kind, g.name, g.message_ids, g.payloads, at, fresh=True) for g in self.groups
+        ]
 
 
 class SettleGroup:

@@ -46,8 +46,10 @@ class SequentialIds:
         return self._prefix + str(next(self._counter))
 
     def next_ids(self, count: int) -> list[str]:
-        prefix = self._prefix
         first = next(self._counter)
         # Skip the counter ahead; count >= 1, and the first number is already taken.
         self._counter = itertools.count(first + count)
-        return [prefix + str(number) for number in range(first, first + count)]
+        # One format and one split for the whole run: about half the cost of a
+        # concatenation per id. The prefix holds no '%' (see __init__).
+        text = (self._prefix + "%d\n") * count % tuple(range(first, first + count))
+        return text[:-1].split("\n")

@@ -42,6 +42,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Final, cast
 
 from msg.core.batches import (
@@ -375,7 +376,8 @@ class Router:
         topics = publishes.topics
         modes = publishes.modes
         payloads = publishes.payloads
-        message_ids = self._ids.next_ids(len(topics))
+        total = len(topics)
+        message_ids = self._ids.next_ids(total)
         batch = self._appends or self._new_append_batch(now)
         run = ReplyRun(session)
         batch.runs.append(run)
@@ -385,6 +387,18 @@ class Router:
         name = topics[0]
         mode = modes[0]
         state, group, outs, prefix = self._destination(batch, name, mode)
+        if topics.count(name) == total and modes.count(mode) == total:
+            # The usual read: every publish to one destination. No bytecode per message.
+            first = len(group.message_ids)
+            group.message_ids += message_ids
+            group.payloads += payloads
+            if outs:
+                _deliver_all(outs, prefix, payloads, message_ids)
+            segments.append((group, first, total))
+            state.published += total
+            state.delivered += total * len(outs)
+            self._finish_publish_batch(run, batch, publishes, total, total * len(outs))
+            return
         group_ids = group.message_ids
         group_payloads = group.payloads
         first = len(group_ids)
@@ -418,11 +432,16 @@ class Router:
         state.published += count
         state.delivered += count * len(outs)
         delivered += count * len(outs)
+        self._finish_publish_batch(run, batch, publishes, total, delivered)
+
+    def _finish_publish_batch(
+        self, run: ReplyRun, batch: AppendBatch, publishes: Publishes, total: int, delivered: int
+    ) -> None:
         rids = run.rids = publishes.ids
         run.has_ids = rids.count(None) != len(rids)
         self._run = run
         self._run_batch = batch
-        self.counters.published += len(topics)
+        self.counters.published += total
         self.counters.delivered += delivered
 
     def _destination(
@@ -1312,6 +1331,26 @@ class Router:
             )
         )
         return batch
+
+
+def _deliver_all(
+    outs: list[Outbound], prefix: bytes, payloads: list[bytes], message_ids: list[str]
+) -> None:
+    """Queue one delivery frame per message for each of ``outs``, built in C.
+
+    The frames are made once and shared by every subscriber (bytes are immutable).
+    """
+    encoded = "\n".join(message_ids).encode().split(b"\n")
+    if len(encoded) != len(message_ids):  # an IdSource that puts newlines in ids
+        encoded = [message_id.encode() for message_id in message_ids]
+    frames = list(
+        map(b"".join, zip(repeat(prefix), payloads, repeat(_ID_HEAD), encoded, repeat(_ID_TAIL)))
+    )
+    for out in outs:
+        if out.held:
+            out.held.extend(frames)
+        else:
+            out.ready += frames
 
 
 def _gather_publishes(frames: Sequence[Batch]) -> Publishes:

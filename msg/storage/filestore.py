@@ -661,7 +661,11 @@ class FileStore:
             write.items.append(i)
             if isinstance(write.log, QueueLog):
                 offer, run = write.log.index.offer(
-                    item.message_ids, item.payloads, item.published_at, write.segment.number
+                    item.message_ids,
+                    item.payloads,
+                    item.published_at,
+                    write.segment.number,
+                    item.fresh,
                 )
                 if run is not None:
                     write.runs.append(run)
@@ -674,7 +678,7 @@ class FileStore:
                     )
                     continue
             else:
-                offer = write.log.index.offer(item.message_ids, item.payloads)
+                offer = write.log.index.offer(item.message_ids, item.payloads, item.fresh)
                 if offer.seqs:
                     write.offers.append((offer, item.published_at))
                     write.parts += records.pub_batch(

@@ -283,43 +283,74 @@ class Run:
 class RecentIds:
     """Ids of recent appends with their positions: the last ``size`` to ``2 * size``.
 
-    Two generations instead of an ordered dict with eviction: adding a batch is one
-    bulk dict update, and forgetting half the window at once is free. The window is
-    checked and grown per batch, so it may hold one batch more than ``2 * size``.
+    Two generations instead of an ordered dict with eviction: forgetting half the
+    window at once is free. The window is checked and grown per batch, so it may hold
+    one batch more than ``2 * size``.
+
+    Ids are only *looked up* when an append may be a resend (not ``fresh``), which the
+    broker never sends itself. So a batch is remembered as it came, (ids, positions),
+    and put into a dict only when a lookup needs it: the hot path adds a batch with
+    no work per id, and a generation that is never looked up is dropped unread.
     """
 
-    __slots__ = ("_new", "_old", "_size")
+    __slots__ = ("_count", "_new", "_old", "_size")
 
     def __init__(self, size: int = DEDUP_WINDOW) -> None:
         self._size = size
-        self._new: dict[str, int] = {}
-        self._old: dict[str, int] = {}
+        self._new = _Generation()
+        self._old = _Generation()
+        self._count = 0
+        """Ids in the new generation."""
 
     def get(self, message_id: str) -> int | None:
-        found = self._new.get(message_id)
-        return self._old.get(message_id) if found is None else found
+        found = self._new.ids().get(message_id)
+        return self._old.ids().get(message_id) if found is None else found
 
     def none_of(self, message_ids: Iterable[str]) -> bool:
         """True if none of ``message_ids`` is remembered (two C-level passes)."""
-        return self._new.keys().isdisjoint(message_ids) and self._old.keys().isdisjoint(message_ids)
+        return self._new.ids().keys().isdisjoint(message_ids) and self._old.ids().keys().isdisjoint(
+            message_ids
+        )
 
     def add(self, message_id: str, position: int) -> None:
-        new = self._new
-        new[message_id] = position
-        if len(new) >= self._size:
-            self._old = new
-            self._new = {}
+        self._new.ids()[message_id] = position
+        self._count += 1
+        if self._count >= self._size:
+            self._old = self._new
+            self._new = _Generation()
+            self._count = 0
 
-    def add_many(self, message_ids: Iterable[str], positions: Iterable[int]) -> None:
-        new = self._new
-        new.update(zip(message_ids, positions, strict=True))
-        if len(new) >= self._size:
-            self._old = new
-            self._new = {}
+    def add_many(self, message_ids: Sequence[str], positions: Sequence[int]) -> None:
+        # A tuple: the caller may reuse its list (tuple() of a tuple is free).
+        self._new.batches.append((tuple(message_ids), positions))
+        self._count += len(message_ids)
+        if self._count >= self._size:
+            self._old = self._new
+            self._new = _Generation()
+            self._count = 0
 
     def discard(self, message_id: str) -> None:
-        self._new.pop(message_id, None)
-        self._old.pop(message_id, None)
+        self._new.ids().pop(message_id, None)
+        self._old.ids().pop(message_id, None)
+
+
+class _Generation:
+    """Half of a :class:`RecentIds` window: batches as added, made a dict when read."""
+
+    __slots__ = ("batches", "by_id")
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, int] = {}
+        self.batches: list[tuple[tuple[str, ...], Sequence[int]]] = []
+
+    def ids(self) -> dict[str, int]:
+        """Every id of this generation, with its position."""
+        if self.batches:
+            by_id = self.by_id
+            for message_ids, positions in self.batches:
+                by_id.update(zip(message_ids, positions, strict=True))
+            self.batches.clear()
+        return self.by_id
 
 
 class Offer:
@@ -435,12 +466,14 @@ class QueueIndex:
         payloads: Sequence[bytes],
         published_at: float,
         segment: int = 0,
+        fresh: bool = False,
     ) -> tuple[Offer, Run | None]:
         """Stage one append: the new messages become a PENDING run (None if none).
 
         Ids already held or recently appended keep their position (idempotent
         append); messages that do not fit stop the append there. The common case,
-        all new and all fitting, costs a few C-level passes over the ids.
+        all new and all fitting, costs a few C-level passes over the ids; with
+        ``fresh`` (see :attr:`~msg.persistence.Append.fresh`) the ids are not looked up.
         """
         count = len(message_ids)
         if len(payloads) != count:
@@ -449,11 +482,13 @@ class QueueIndex:
         limit = self.max_messages
         first = self.next_seq
         recent = self.recent
-        if (
-            (limit is None or len(live) + count <= limit)
-            and live.keys().isdisjoint(message_ids)
-            and recent.none_of(message_ids)
-            and len(set(message_ids)) == count
+        if (limit is None or len(live) + count <= limit) and (
+            fresh
+            or (
+                live.keys().isdisjoint(message_ids)
+                and recent.none_of(message_ids)
+                and len(set(message_ids)) == count
+            )
         ):
             seqs = range(first, first + count)
             offer = Offer(seqs, seqs, message_ids, payloads, False)
@@ -894,14 +929,16 @@ class TopicIndex:
             },
         )
 
-    def offer(self, message_ids: Sequence[str], payloads: Sequence[bytes]) -> Offer:
+    def offer(
+        self, message_ids: Sequence[str], payloads: Sequence[bytes], fresh: bool = False
+    ) -> Offer:
         """Give positions to the new messages of one append (see :meth:`QueueIndex.offer`)."""
         count = len(message_ids)
         if len(payloads) != count:
             raise ValueError(f"{count} message ids but {len(payloads)} payloads")
         first = self.next_position
         recent = self.recent
-        if recent.none_of(message_ids) and len(set(message_ids)) == count:
+        if fresh or (recent.none_of(message_ids) and len(set(message_ids)) == count):
             seqs = range(first, first + count)
             offer = Offer(seqs, seqs, message_ids, payloads, False)
         else:

@@ -50,7 +50,7 @@ flipped newline costs one record, not two.
 
 from __future__ import annotations
 
-import re
+import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,9 +102,6 @@ _RECORD_START: Final = b'{"op":'
 
 # A body and its checksum make a record.
 _SEALED: Final = b'%b,"crc":"%08x"}\n'
-# Characters a JSON string must escape, but for the newline (the separator of
-# _plain_ids, which counts the pieces instead).
-_NEEDS_ESCAPE: Final = re.compile(r'["\\\x00-\x09\x0b-\x1f]')
 
 
 def _seal(body: bytes) -> bytes:
@@ -112,25 +109,45 @@ def _seal(body: bytes) -> bytes:
 
 
 def _seal_all(bodies: list[bytes]) -> list[bytes]:
-    """Records from their bodies: per body one crc32 and one format, all in C."""
-    return list(map(_SEALED.__mod__, zip(bodies, map(zlib.crc32, bodies), strict=True)))
+    """Records from their bodies: per body one crc32 and one concatenation, all in C.
+
+    The checksum fields of the whole batch are written by one ``bytes.hex`` call (4
+    bytes per CRC, a separator between them) and cut apart by one ``split``: a
+    ``%08x`` format per record cost more than the CRC itself.
+    """
+    if not bodies:
+        return []
+    crcs = struct.pack(f">{len(bodies)}I", *map(zlib.crc32, bodies))
+    hexes = crcs.hex("\x01", 4)  # "1a2b3c4d\x01..."; hex digits never hold \x01
+    fields = (_CRC_OPEN + hexes.replace("\x01", _CRC_NEXT) + _CRC_CLOSE).encode().split(b"\x01")
+    return list(map(bytes.__add__, bodies, fields))
+
+
+# The CRC fields of a batch as one string, split on \x01: ,"crc":"<hex>"}\n each.
+_CRC_OPEN: Final = ',"crc":"'
+_CRC_CLOSE: Final = '"}\n'
+_CRC_NEXT: Final = _CRC_CLOSE + "\x01" + _CRC_OPEN
+# Bytes a JSON string must escape, but for the newline (the separator of _plain_ids,
+# which counts the pieces instead). In UTF-8 they only ever stand for themselves.
+_ESCAPED_BYTES: Final = bytes(range(0x0A)) + bytes(range(0x0B, 0x20)) + b'"\\'
 
 
 def _plain_ids(message_ids: Sequence[str]) -> list[bytes] | None:
     """The ids UTF-8 encoded, if none needs JSON escaping; else None.
 
-    One join, one regex search, one encode and one split for the whole batch, instead
-    of a JSON encoder call per id (which costs microseconds here).
+    One join, one encode, one ``translate`` (deleting every byte that would need
+    escaping: nothing deleted, nothing to escape) and one split for the whole batch,
+    instead of a JSON encoder call per id (which costs microseconds here).
     """
     if not message_ids:
         return []
-    joined = "\n".join(message_ids)
-    if _NEEDS_ESCAPE.search(joined) is not None:
-        return None
     try:
-        ids = joined.encode().split(b"\n")
+        joined = "\n".join(message_ids).encode()
     except UnicodeEncodeError:
         return None  # a lone surrogate: let the JSON encoder refuse it, as before
+    if len(joined.translate(None, _ESCAPED_BYTES)) != len(joined):
+        return None
+    ids = joined.split(b"\n")
     # More pieces than ids: an id held a newline.
     return ids if len(ids) == len(message_ids) else None
 

@@ -226,6 +226,35 @@ async def test_duplicate_ids_across_appends_mixed_with_new_ones(store: Store) ->
     assert [m for m, _ in claimed] == ["a", "b", "c", "d"]
 
 
+async def test_fresh_appends_are_stored_and_remembered_for_a_resend(store: Store) -> None:
+    fresh = [
+        Append(Kind.QUEUE, Q, ["a", "b"], [b"1", b"2"], 1000.0, fresh=True),
+        Append(Kind.TOPIC, T, ["x", "y"], [b"3", b"4"], 1000.0, fresh=True),
+    ]
+    [queue, topic] = await store.append(fresh)
+    assert (queue.failure, topic.failure) == (None, None)
+    # The same appends again, as a resend (not fresh): nothing is stored twice.
+    [queue2, topic2] = await store.append([qapp("a", "b", "c"), tapp("x", "y", "z")])
+    assert list(queue2.positions)[:2] == list(queue.positions)
+    assert list(topic2.positions)[:2] == list(topic.positions)
+    assert [m for m, _ in await claim_ids(store, *["c"] * 5)] == ["a", "b", "c"]
+    read = await store.read(T, 0, 10)
+    assert [(m.message_id, m.payload) for m in read.messages] == [
+        ("x", b"3"),
+        ("y", b"4"),
+        ("z", b'"hello"'),
+    ]
+
+
+async def test_fresh_append_to_a_full_queue_stops_where_it_is_full(
+    make_store: StoreFactory,
+) -> None:
+    store = await make_store(max_queue_messages=2)
+    [result] = await store.append([Append(Kind.QUEUE, Q, ["a", "b", "c"], [b"1"] * 3, 1.0, True)])
+    assert len(result.positions) == 2
+    assert result.failure is StoreFailure.QUEUE_FULL
+
+
 async def test_queue_full(make_store: StoreFactory) -> None:
     store = await make_store(max_queue_messages=2)
     [result] = await store.append([qapp("a", "b", "c")])

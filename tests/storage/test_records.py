@@ -152,8 +152,20 @@ def test_meta_round_trip_and_rejections() -> None:
         (["m0", "m1"], [b'{\n  "a": 1\n}', b"[\n]"]),
         (["", "x"], [b"null", b"0"]),
         ([], []),
+        (["del\x7f", "unit\x1fsep", "ok"], [b"1", b"2", b"3"]),
+        ([f"run-{n}" for n in range(1000)], [b'"%d"' % n for n in range(1000)]),
     ],
-    ids=["plain", "escaped", "control", "unicode", "newline-payload", "empty-id", "empty"],
+    ids=[
+        "plain",
+        "escaped",
+        "control",
+        "unicode",
+        "newline-payload",
+        "empty-id",
+        "empty",
+        "del-and-unit-separator",
+        "a-thousand",
+    ],
 )
 def test_pub_batch_writes_what_pub_parts_writes(
     message_ids: list[str], payloads: list[bytes]
