@@ -139,7 +139,7 @@ async def _serve_async(config: Config) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    server = Server(config, tune_gc=True)
+    server = Server(config, tune_process=True)
     try:
         await server.serve_until(stop)
     except MsgError as exc:

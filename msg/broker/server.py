@@ -27,7 +27,6 @@ the store, which makes everything durable.
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any
 
 from msg import __version__, jsonlib
 from msg.broker.connection import Connection
+from msg.broker.process import tune_process
 from msg.config import Config
 from msg.core.effects import AnyStoreCall
 from msg.core.ids import SequentialIds
@@ -100,16 +100,16 @@ class Server:
     """A running msg broker."""
 
     def __init__(
-        self, config: Config, store: Store | None = None, *, tune_gc: bool = False
+        self, config: Config, store: Store | None = None, *, tune_process: bool = False
     ) -> None:
         """A broker for ``config``; ``store`` defaults to the one the config names.
 
-        ``tune_gc`` adjusts the process's garbage collector for the broker (see
-        :func:`_settle_garbage_collector`); the command line sets it, since it owns the
-        process. An application embedding a Server keeps its own settings.
+        ``tune_process`` adjusts the process's garbage collector and allocator for the
+        broker (see :mod:`msg.broker.process`); the command line sets it, since it owns
+        the process. An application embedding a Server keeps its own settings.
         """
         self.config = config
-        self._tune_gc = tune_gc
+        self._tune_process = tune_process
         self.store = store if store is not None else open_store(config)
         self.router = Router(
             ids=SequentialIds(_id_prefix()),
@@ -147,8 +147,8 @@ class Server:
         started = time.monotonic()
         recovery = await self.store.open()
         self.router.recovered(recovery)
-        if self._tune_gc:
-            _settle_garbage_collector()
+        if self._tune_process:
+            tune_process()
         log.info(
             "storage ready in %.2f s: %d queues (%d messages ready), %d topics%s",
             time.monotonic() - started,
@@ -404,21 +404,6 @@ class Server:
 
 class StoreFailureError(MsgError):
     """Passed to a store call's ``failed`` hook when the store raised instead of answering."""
-
-
-def _settle_garbage_collector() -> None:
-    """Keep the cyclic garbage collector off the hot path.
-
-    Everything alive after start-up (modules, the recovered index) is frozen out of the
-    collector's view, and young collections run every 10,000 allocations instead of 700:
-    the broker allocates and frees a few objects per message, nearly all freed by
-    reference counting, so frequent collections find nothing and cost time. Measured on
-    a 500,000-message backlog: full collections drop from ~50 ms to ~5 ms, and total
-    collector time over a load test from ~300 ms to ~5 ms.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
 
 
 def _format_address(host: str, port: int) -> str:

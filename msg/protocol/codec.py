@@ -30,7 +30,7 @@ produced, so the broker can handle them as one batch and answer with one write.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from itertools import repeat
 from typing import Any, Final, cast
 
@@ -102,7 +102,7 @@ LINE_TOO_LONG: Final = LineTooLong()
 class LineBuffer:
     """Cuts a byte stream into ``\\n``-terminated lines, holding at most a bounded tail."""
 
-    __slots__ = ("_discarding", "_max", "_partial")
+    __slots__ = ("_discarding", "_max", "_partial", "overlong")
 
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
         if max_line_bytes < 1:
@@ -112,6 +112,8 @@ class LineBuffer:
         # After an overlong line has been reported, its remaining bytes are dropped up
         # to the next newline.
         self._discarding = False
+        self.overlong = False
+        """Whether the last :meth:`feed` returned a :data:`LINE_TOO_LONG`."""
 
     @property
     def partial(self) -> bytes:
@@ -129,6 +131,7 @@ class LineBuffer:
         finds them blank at no extra cost, where checking every line here would not be
         free.
         """
+        self.overlong = False
         if not self._partial and not self._discarding and len(data) <= self._max:
             # The common case: no line of this chunk can be over the limit.
             lines = data.split(b"\n")
@@ -170,6 +173,7 @@ class LineBuffer:
 
     def _emit(self, line: bytes, out: list[bytes | LineTooLong]) -> None:
         if len(line) > self._max:
+            self.overlong = True
             out.append(LINE_TOO_LONG)
         elif line:
             out.append(line)
@@ -177,6 +181,7 @@ class LineBuffer:
     def _overflow(self, out: list[bytes | LineTooLong]) -> None:
         self._partial.clear()
         self._discarding = True
+        self.overlong = True
         out.append(LINE_TOO_LONG)
 
 
@@ -209,7 +214,7 @@ class RequestReader:
         of a thousand entries, with no object per message.
         """
         lines = self._lines.feed(data)
-        decoded = _decode_all(lines)
+        decoded = None if self._lines.overlong else _decode_all(cast("list[bytes]", lines))
         if decoded is not None:
             batch = _all_publishes(decoded)
             out: list[Batch] = [batch] if batch is not None else self._frames(lines, decoded)
@@ -332,13 +337,11 @@ class RequestReader:
 _UNDECODED: Final = object()
 
 
-def _decode_all(lines: list[bytes | LineTooLong]) -> list[Any] | None:
-    """Every line decoded, in one C-level pass; None if a line is overlong or is not
-    valid JSON (then the lines are read one by one, which says what is wrong)."""
-    if LINE_TOO_LONG in lines:
-        return None
+def _decode_all(lines: list[bytes]) -> list[Any] | None:
+    """Every line decoded, in one C-level pass; None if a line is not valid JSON (then
+    the lines are read one by one, which says what is wrong)."""
     try:
-        return list(map(loads, cast("list[bytes]", lines)))
+        return list(map(loads, lines))
     except (DecodeError, RecursionError):
         return None
 
@@ -362,7 +365,7 @@ def _all_publishes(objs: list[Any]) -> Publishes | None:
     raw_modes = list(map(get, objs, repeat("mode")))
     rids = list(map(get, objs, repeat("id")))
     try:
-        if not (set(topics) <= VALID_NAMES.keys() and set(raw_modes) <= _FAST_MODES.keys()):
+        if not (_all_in(topics, VALID_NAMES.keys()) and _all_in(raw_modes, _FAST_MODES.keys())):
             return None
     except TypeError:  # an unhashable topic or mode: a list, an object
         return None
@@ -381,6 +384,19 @@ def _all_publishes(objs: list[Any]) -> Publishes | None:
     except (EncodeError, RecursionError):
         return None
     return Publishes(topics, payloads, list(map(_FAST_MODES.__getitem__, raw_modes)), rids)
+
+
+def _all_in(values: list[Any], allowed: Set[Any]) -> bool:
+    """Whether every one of ``values`` is in ``allowed``.
+
+    A read's publishes nearly always share one topic and mode: comparing them to the
+    first is cheaper than hashing each (every string decoded is a new object, its hash
+    not yet computed).
+    """
+    first = values[0]
+    if values.count(first) == len(values):
+        return first in allowed
+    return set(values) <= allowed
 
 
 _DICT_ONLY: Final = {dict}

@@ -207,7 +207,18 @@ _CursorChange = tuple[int, str, Cursor | None, Cursor]
 class _Write:
     """The records one append call writes to one log, and what they stand for."""
 
-    __slots__ = ("first", "items", "log", "offers", "parts", "payload_bytes", "runs", "segment")
+    __slots__ = (
+        "count",
+        "first",
+        "items",
+        "log",
+        "offers",
+        "parts",
+        "payload_bytes",
+        "runs",
+        "segment",
+        "sizes",
+    )
 
     def __init__(self, log: QueueLog | TopicLog, segment: Segment, first: int) -> None:
         self.log = log
@@ -215,7 +226,11 @@ class _Write:
         self.first = first
         """The first position (sequence number) this write gives out."""
         self.parts: list[bytes] = []
-        """One record per new message."""
+        """The records of the new messages, a batch of them per part."""
+        self.count = 0
+        """How many records the parts hold."""
+        self.sizes: list[int] = []
+        """Each record's length in bytes."""
         self.items: list[int] = []
         """Indexes of the call's items that went to this log."""
         self.runs: list[Run] = []
@@ -223,6 +238,13 @@ class _Write:
         self.offers: list[tuple[Offer, float]] = []
         """Topics: the offers with new messages, and their published_at."""
         self.payload_bytes = 0
+
+    def add(self, batch: tuple[bytes, list[int]]) -> None:
+        """Add records made by :func:`.records.pub_batch`."""
+        data, sizes = batch
+        self.parts.append(data)
+        self.sizes += sizes
+        self.count += len(sizes)
 
     def undo(self) -> None:
         """Forget what was staged (the write failed, or was never made)."""
@@ -616,7 +638,7 @@ class FileStore:
                             commit_run(run)
                     else:
                         topic = write.log.index
-                        topic.end = max(topic.end, write.first + len(write.parts))
+                        topic.end = max(topic.end, write.first + write.count)
                         topic.bytes += write.payload_bytes
             else:
                 for write in written:
@@ -624,7 +646,7 @@ class FileStore:
                         queue = write.log.index
                         for run in reversed(write.runs):
                             queue.discard(run)
-                        write.segment.live -= len(write.parts)
+                        write.segment.live -= write.count
                 failed = Appended(
                     failure=StoreFailure.STORAGE_ERROR, detail=f"sync failed: {error}"
                 )
@@ -669,9 +691,7 @@ class FileStore:
                 )
                 if run is not None:
                     write.runs.append(run)
-                    write.parts += records.pub_batch(
-                        run.seqs, run.ids, run.payloads, item.published_at
-                    )
+                    write.add(records.pub_batch(run.seqs, run.ids, run.payloads, item.published_at))
                 if offer.full:
                     results[i] = Appended(
                         offer.positions, StoreFailure.QUEUE_FULL, _full(item.name)
@@ -681,8 +701,10 @@ class FileStore:
                 offer = write.log.index.offer(item.message_ids, item.payloads, item.fresh)
                 if offer.seqs:
                     write.offers.append((offer, item.published_at))
-                    write.parts += records.pub_batch(
-                        offer.seqs, offer.new_ids, offer.new_payloads, item.published_at
+                    write.add(
+                        records.pub_batch(
+                            offer.seqs, offer.new_ids, offer.new_payloads, item.published_at
+                        )
                     )
             results[i] = Appended(offer.positions)
 
@@ -692,7 +714,7 @@ class FileStore:
         offset = segment.size
         data = b"".join(write.parts)
         failure = self._write(segment, data)
-        count = len(write.parts)
+        count = write.count
         log = write.log
         if failure is None:
             if isinstance(log, QueueLog):
@@ -717,7 +739,7 @@ class FileStore:
         the previous mark: found by bisecting the batch's record start offsets, so the
         cost is per mark, not per record.
         """
-        starts = list(accumulate(map(len, write.parts), initial=0))
+        starts = list(accumulate(write.sizes, initial=0))
         total = starts.pop()
         # Offset (relative to this batch) of the last mark; unmarked bytes lie after it.
         last = -segment.unmarked
@@ -731,7 +753,7 @@ class FileStore:
             offsets.append(offset + last)
             k = bisect.bisect_left(starts, last + SPARSE_INDEX_BYTES, k + 1)
         segment.unmarked = total - last
-        count = len(write.parts)
+        count = write.count
         payload_bytes = 0
         for offer, published_at in write.offers:
             payload_bytes += sum(map(len, offer.new_payloads))

@@ -31,10 +31,11 @@ with a slice and one ``zlib.crc32`` before parsing anything.
 
 Writing is the hot path, so records are assembled from bytes, a whole batch at a
 time (:func:`pub_batch`, :func:`seq_records`): per record one ``%``-format for the
-body (the payload exactly as the client sent it: it is JSON already, never decoded
-or re-encoded), one ``zlib.crc32`` and one ``%``-format that appends the checksum,
-each run over the batch by ``map`` so no Python bytecode runs per record. What is
-the same for the whole batch (the timestamp, whether ids need JSON escaping,
+body (the payload exactly as the broker encoded it once, on arrival) and one
+``zlib.crc32``, each run over the batch by ``map`` so no Python bytecode runs per
+record; the checksum fields of the whole batch come from one ``bytes.hex`` call, and
+:func:`pub_batch` joins bodies and checksums into the batch's bytes in one go. What
+is the same for the whole batch (the timestamp, whether ids need JSON escaping,
 whether any payload holds a newline) is worked out once. ``msg`` is the last field
 before ``crc`` and every earlier field is a number or a JSON string (in which ``,"``
 cannot occur unescaped), so the first ``,"msg":`` marks where the payload starts,
@@ -109,9 +110,14 @@ def _seal(body: bytes) -> bytes:
 
 
 def _seal_all(bodies: list[bytes]) -> list[bytes]:
-    """Records from their bodies: per body one crc32 and one concatenation, all in C.
+    """Records from their bodies: per body one crc32 and one concatenation, all in C."""
+    return list(map(bytes.__add__, bodies, _crc_fields(bodies)))
 
-    The checksum fields of the whole batch are written by one ``bytes.hex`` call (4
+
+def _crc_fields(bodies: list[bytes]) -> list[bytes]:
+    """The ``,"crc":"<hex>"}\n`` that ends each body's record.
+
+    The checksums of the whole batch are written out by one ``bytes.hex`` call (4
     bytes per CRC, a separator between them) and cut apart by one ``split``: a
     ``%08x`` format per record cost more than the CRC itself.
     """
@@ -119,8 +125,7 @@ def _seal_all(bodies: list[bytes]) -> list[bytes]:
         return []
     crcs = struct.pack(f">{len(bodies)}I", *map(zlib.crc32, bodies))
     hexes = crcs.hex("\x01", 4)  # "1a2b3c4d\x01..."; hex digits never hold \x01
-    fields = (_CRC_OPEN + hexes.replace("\x01", _CRC_NEXT) + _CRC_CLOSE).encode().split(b"\x01")
-    return list(map(bytes.__add__, bodies, fields))
+    return (_CRC_OPEN + hexes.replace("\x01", _CRC_NEXT) + _CRC_CLOSE).encode().split(b"\x01")
 
 
 # The CRC fields of a batch as one string, split on \x01: ,"crc":"<hex>"}\n each.
@@ -154,23 +159,33 @@ def _plain_ids(message_ids: Sequence[str]) -> list[bytes] | None:
 
 def pub_batch(
     seqs: Sequence[int], message_ids: Sequence[str], payloads: Sequence[bytes], published_at: float
-) -> list[bytes]:
-    """The ``pub`` records of one append, one bytes object per message.
+) -> tuple[bytes, list[int]]:
+    """The ``pub`` records of one append, as one bytes object, and each record's length.
 
     Byte for byte what :func:`pub_parts` writes for each message (without ``att``
-    and ``why``), built for the whole batch at once.
+    and ``why``), built for the whole batch at once: per record one format and one
+    CRC, and one join for all, so no record exists as an object of its own.
     """
     ts = jsonlib.dumps(published_at)
-    joined_payloads = b"".join(payloads)
-    if b"\n" in joined_payloads:
-        payloads = [p.replace(b"\n", b" ") for p in payloads]
+    if b"\n" in b"".join(payloads):
+        # In JSON a raw newline is only insignificant whitespace: it becomes a space,
+        # and the record stays one line.
+        payloads = [payload.replace(b"\n", b" ") for payload in payloads]
     ids = _plain_ids(message_ids)
     if ids is not None:
         fmt = b'{"op":"pub","seq":%%d,"id":"%%b","ts":%b,"msg":%%b' % ts
     else:
         fmt = b'{"op":"pub","seq":%%d,"id":%%b,"ts":%b,"msg":%%b' % ts
         ids = [jsonlib.dumps(message_id) for message_id in message_ids]
-    return _seal_all(list(map(fmt.__mod__, zip(seqs, ids, payloads, strict=True))))
+    bodies = list(map(fmt.__mod__, zip(seqs, ids, payloads, strict=True)))
+    pieces: list[bytes] = [b""] * (2 * len(bodies))
+    pieces[::2] = bodies
+    pieces[1::2] = _crc_fields(bodies)
+    return b"".join(pieces), list(map(_CRC_FIELD_BYTES.__add__, map(len, bodies)))
+
+
+# len(',"crc":"1a2b3c4d"}\n'): what sealing adds to a body.
+_CRC_FIELD_BYTES: Final = len(_CRC_OPEN) + 8 + len(_CRC_CLOSE)
 
 
 def seq_records(op: bytes, seqs: Sequence[int]) -> list[bytes]:

@@ -139,12 +139,16 @@ async def test_a_poison_message_stops_after_max_deliveries(tmp_path: Path) -> No
                         await message.nack()  # requeue
                     else:
                         await message.ack()
-            assert sorted(seen, key=str) == [("fine", 1), ("poison", 1), ("poison", 2)]
-            async with await client.subscribe("$dead.work", queue=True, ack="manual") as dead:
-                corpse = await dead.next(timeout=5)
-                assert corpse.data == "poison"
-                assert corpse.reason == "delivered 2 times without an ack (max_deliveries)"
-                await corpse.ack()
+                assert sorted(seen, key=str) == [("fine", 1), ("poison", 1), ("poison", 2)]
+                # The limit applies when the message would be delivered a third time, so
+                # the consumer stays subscribed until then (unsubscribing right after
+                # the nack could leave it waiting in the queue for the next consumer).
+                async with await client.subscribe("$dead.work", queue=True, ack="manual") as dead:
+                    corpse = await dead.next(timeout=5)
+                    assert corpse.data == "poison"
+                    assert corpse.reason == "delivered 2 times without an ack (max_deliveries)"
+                    await corpse.ack()
+                assert work.pending == 0  # the poison message never came a third time
             status = await client.status()
             assert status["queues"]["work"]["dead_lettered"] == 1
             assert status["queues"]["work"]["depth"] == 0

@@ -1,0 +1,102 @@
+"""A read of many lines: batched into runs, and read exactly as line by line.
+
+The reader takes a read made only of well-formed publishes in C-level passes over the
+whole read, and anything else line by line. Whatever path a read takes, its frames
+must be the ones its lines give when fed one at a time.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from msg.protocol.codec import RequestReader
+from msg.protocol.frames import Acks, Mode, Publish, Publishes, Request, RequestError
+from msg.protocol.names import name_problem
+
+pytestmark = pytest.mark.usefixtures("json_backend")
+
+WELL_FORMED = [
+    b'{"action":"publish","topic":"orders","message":{"n":1}}',
+    b'{"action":"publish","topic":"orders","mode":"queue","message":[1,2]}',
+    b'{"action":"publish","topic":"audit","mode":"pubsub","message":"x","id":7}',
+    b'{"id":"r-1","message":null,"topic":"orders","action":"publish"}',
+    b'{"action":"publish","topic":"orders","message":1.5,"id":true}',
+    b'{"action":"publish","topic":"orders","message":"caf\\u00e9 \\ud83d\\ude00"}',
+]
+
+ODD = [
+    b'{"action":"publish","topic":"orders","mode":null,"message":1}',
+    b'{"action":"publish","topic":"orders","id":null,"message":1}',
+    b'{"action":"publish","topic":"orders","message":1,"extra":2}',
+    b'{"action":"publish","topic":["orders"],"message":1}',
+    b'{"action":"publish","topic":"orders","mode":["queue"],"message":1}',
+    b'{"action":"publish","topic":"orders","mode":"fanout","message":1}',
+    b'{"action":"publish","topic":"orders","id":[1],"message":1}',
+    b'{"action":"publish","topic":"orders"}',
+    b'{"action":"publish","topic":"no such/../name","message":1}',
+    b'{"action":"publish","topic":"orders","message":1,"topic":"audit"}',
+    b'{"action":"ack","message_id":"m-1"}',
+    b'{"action":"ping"}',
+    b"[1,2]",
+    b"null",
+    b"not json",
+]
+
+
+def one_at_a_time(lines: list[bytes]) -> list[Request | RequestError]:
+    frames: list[Request | RequestError] = []
+    for line in lines:
+        frames += RequestReader().feed(line + b"\n")
+    return frames
+
+
+@pytest.fixture(autouse=True)
+def known_names() -> None:
+    # The C-level path only takes names already checked once (as a broker has).
+    for name in ("orders", "audit"):
+        assert name_problem(name) is None
+
+
+def test_a_read_of_well_formed_publishes_is_one_batch() -> None:
+    lines = WELL_FORMED * 50
+    batches = RequestReader().feed_batches(b"\n".join(lines) + b"\n")
+    assert len(batches) == 1
+    batch = batches[0]
+    assert isinstance(batch, Publishes)
+    assert list(batch) == one_at_a_time(lines)
+    assert batch.modes[:3] == [Mode.PUBSUB, Mode.QUEUE, Mode.PUBSUB]
+    assert batch.ids[:5] == [None, None, 7, "r-1", True]
+
+
+@pytest.mark.parametrize("odd", ODD, ids=range(len(ODD)))
+def test_one_odd_line_among_publishes_reads_as_line_by_line(odd: bytes) -> None:
+    lines = [*WELL_FORMED, odd, *WELL_FORMED]
+    frames = RequestReader().feed(b"\n".join(lines) + b"\n")
+    assert frames == one_at_a_time(lines)
+    # The publishes around the odd line still come batched, before and after it.
+    batches = RequestReader().feed_batches(b"\n".join(lines) + b"\n")
+    assert isinstance(batches[0], Publishes)
+    assert isinstance(batches[-1], Publishes)
+
+
+def test_publishes_and_acks_come_as_runs_in_order() -> None:
+    lines = [
+        b'{"action":"publish","topic":"orders","message":1}',
+        b'{"action":"publish","topic":"orders","message":2}',
+        b'{"action":"ack","message_id":"m-1"}',
+        b'{"action":"ack","message_id":"m-2","id":3}',
+        b'{"action":"publish","topic":"audit","message":3}',
+    ]
+    batches = RequestReader().feed_batches(b"\n".join(lines) + b"\n")
+    assert [type(b) for b in batches] == [Publishes, Acks, Publishes]
+    assert [f for b in batches for f in b] == one_at_a_time(lines)  # type: ignore[union-attr]
+
+
+def test_an_overlong_line_among_publishes_is_an_error_in_its_place() -> None:
+    reader = RequestReader(max_line_bytes=100)
+    long = b'{"action":"publish","topic":"orders","message":"' + b"x" * 200 + b'"}'
+    short = b'{"action":"publish","topic":"orders","message":1}'
+    frames = reader.feed(b"\n".join([short, long, short]) + b"\n")
+    assert [type(f) for f in frames] == [Publish, RequestError, Publish]
+    # The next read, all publishes again, takes the batched path.
+    assert [type(b) for b in reader.feed_batches(short + b"\n" + short + b"\n")] == [Publishes]
