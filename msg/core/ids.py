@@ -10,7 +10,7 @@ and randomness and keeps ids unique across restarts.
 from __future__ import annotations
 
 import itertools
-from typing import Protocol
+from typing import Final, Protocol
 
 __all__ = ["IdSource", "SequentialIds"]
 
@@ -49,7 +49,24 @@ class SequentialIds:
         first = next(self._counter)
         # Skip the counter ahead; count >= 1, and the first number is already taken.
         self._counter = itertools.count(first + count)
-        # One format and one split for the whole run: about half the cost of a
-        # concatenation per id. The prefix holds no '%' (see __init__).
-        text = (self._prefix + "%d\n") * count % tuple(range(first, first + count))
-        return text[:-1].split("\n")
+        prefix = self._prefix
+        ids: list[str] = []
+        number = first
+        end = first + count
+        # A thousand consecutive numbers share all digits but the last three: each
+        # block is one join of ready-made three-digit endings and one split, with no
+        # int-to-text conversion per id (measured: under half the cost of formatting).
+        while number < end:
+            block_end = min(end, (number // 1000 + 1) * 1000)
+            if number < 1000:
+                ids += [prefix + str(n) for n in range(number, block_end)]
+            else:
+                head = prefix + str(number // 1000)
+                low = number % 1000
+                endings = _ENDINGS[low : low + block_end - number]
+                ids += (head + ("\n" + head).join(endings)).split("\n")
+            number = block_end
+        return ids
+
+
+_ENDINGS: Final = [f"{n:03d}" for n in range(1000)]

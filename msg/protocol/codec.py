@@ -361,13 +361,13 @@ def _all_publishes(objs: list[Any]) -> Publishes | None:
     get = dict.get
     if list(map(get, objs, repeat("action"))).count("publish") != count:
         return None
-    topics = cast("list[str]", list(map(get, objs, repeat("topic"))))  # checked below
-    raw_modes = list(map(get, objs, repeat("mode")))
     rids = list(map(get, objs, repeat("id")))
     try:
-        if not (_all_in(topics, VALID_NAMES.keys()) and _all_in(raw_modes, _FAST_MODES.keys())):
-            return None
+        topics = _allowed(list(map(get, objs, repeat("topic"))), VALID_NAMES.keys())
+        raw_modes = _allowed(list(map(get, objs, repeat("mode"))), _FAST_MODES.keys())
     except TypeError:  # an unhashable topic or mode: a list, an object
+        return None
+    if topics is None or raw_modes is None:
         return None
     if not set(map(type, rids)) <= _RID_TYPES:
         return None
@@ -386,17 +386,18 @@ def _all_publishes(objs: list[Any]) -> Publishes | None:
     return Publishes(topics, payloads, list(map(_FAST_MODES.__getitem__, raw_modes)), rids)
 
 
-def _all_in(values: list[Any], allowed: Set[Any]) -> bool:
-    """Whether every one of ``values`` is in ``allowed``.
+def _allowed(values: list[Any], allowed: Set[Any]) -> list[Any] | None:
+    """``values`` if every one is in ``allowed``, else None.
 
-    A read's publishes nearly always share one topic and mode: comparing them to the
-    first is cheaper than hashing each (every string decoded is a new object, its hash
-    not yet computed).
+    A read's publishes nearly always share one topic and one mode. Then the list comes
+    back as one object repeated: comparing the values to the first is cheaper than
+    hashing each (every string decoded is a new object, its hash not yet computed),
+    and later comparisons of them (the router's) become identity checks.
     """
     first = values[0]
     if values.count(first) == len(values):
-        return first in allowed
-    return set(values) <= allowed
+        return [first] * len(values) if first in allowed else None
+    return values if set(values) <= allowed else None
 
 
 _DICT_ONLY: Final = {dict}

@@ -239,12 +239,12 @@ class _Write:
         """Topics: the offers with new messages, and their published_at."""
         self.payload_bytes = 0
 
-    def add(self, batch: tuple[bytes, list[int]]) -> None:
+    def add(self, batch: records.PubRecords) -> None:
         """Add records made by :func:`.records.pub_batch`."""
-        data, sizes = batch
-        self.parts.append(data)
-        self.sizes += sizes
-        self.count += len(sizes)
+        self.parts.append(batch.data)
+        self.sizes += batch.sizes
+        self.count += len(batch.sizes)
+        self.payload_bytes += batch.payload_bytes
 
     def undo(self) -> None:
         """Forget what was staged (the write failed, or was never made)."""
@@ -754,11 +754,9 @@ class FileStore:
             k = bisect.bisect_left(starts, last + SPARSE_INDEX_BYTES, k + 1)
         segment.unmarked = total - last
         count = write.count
-        payload_bytes = 0
-        for offer, published_at in write.offers:
-            payload_bytes += sum(map(len, offer.new_payloads))
+        payload_bytes = write.payload_bytes
+        for _, published_at in write.offers:
             segment.newest = max(segment.newest, published_at)
-        write.payload_bytes = payload_bytes
         segment.count += count
         segment.bytes += payload_bytes
         log.count += count

@@ -57,13 +57,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate, repeat
 from operator import itemgetter
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from msg import jsonlib
 from msg.persistence import Cursor, Ranges
 
 __all__ = [
     "FORMAT_VERSION",
+    "PubRecords",
     "Scan",
     "ack_record",
     "consume_record",
@@ -157,9 +158,20 @@ def _plain_ids(message_ids: Sequence[str]) -> list[bytes] | None:
     return ids if len(ids) == len(message_ids) else None
 
 
+class PubRecords(NamedTuple):
+    """The ``pub`` records of one append, as :func:`pub_batch` makes them."""
+
+    data: bytes
+    """Every record, one per line."""
+    sizes: list[int]
+    """Each record's length in bytes."""
+    payload_bytes: int
+    """The payloads' length in all."""
+
+
 def pub_batch(
     seqs: Sequence[int], message_ids: Sequence[str], payloads: Sequence[bytes], published_at: float
-) -> tuple[bytes, list[int]]:
+) -> PubRecords:
     """The ``pub`` records of one append, as one bytes object, and each record's length.
 
     Byte for byte what :func:`pub_parts` writes for each message (without ``att``
@@ -167,7 +179,8 @@ def pub_batch(
     CRC, and one join for all, so no record exists as an object of its own.
     """
     ts = jsonlib.dumps(published_at)
-    if b"\n" in b"".join(payloads):
+    joined = b"".join(payloads)
+    if b"\n" in joined:
         # In JSON a raw newline is only insignificant whitespace: it becomes a space,
         # and the record stays one line.
         payloads = [payload.replace(b"\n", b" ") for payload in payloads]
@@ -181,7 +194,8 @@ def pub_batch(
     pieces: list[bytes] = [b""] * (2 * len(bodies))
     pieces[::2] = bodies
     pieces[1::2] = _crc_fields(bodies)
-    return b"".join(pieces), list(map(_CRC_FIELD_BYTES.__add__, map(len, bodies)))
+    sizes = list(map(_CRC_FIELD_BYTES.__add__, map(len, bodies)))
+    return PubRecords(b"".join(pieces), sizes, len(joined))
 
 
 # len(',"crc":"1a2b3c4d"}\n'): what sealing adds to a body.

@@ -172,13 +172,14 @@ def test_pub_batch_writes_what_pub_parts_writes(
 ) -> None:
     for published_at in (1000.0, 1732712345.123, 1e-7):
         seqs = range(40, 40 + len(message_ids))
-        data, sizes = records.pub_batch(seqs, message_ids, payloads, published_at)
+        data, sizes, payload_bytes = records.pub_batch(seqs, message_ids, payloads, published_at)
         one_by_one = [
             b"".join(records.pub_parts(seq, message_id, published_at, payload))
             for seq, message_id, payload in zip(seqs, message_ids, payloads, strict=True)
         ]
         assert data == b"".join(one_by_one)
         assert sizes == [len(raw) for raw in one_by_one]
+        assert payload_bytes == sum(map(len, payloads))
         for raw in one_by_one:
             assert raw.count(b"\n") == 1
             assert records.valid(raw[:-1])
