@@ -52,12 +52,13 @@ def _keep_freed_memory() -> bool:
 
     Each loop iteration allocates and frees a few large buffers (a read, the records
     written, the replies): hundreds of kilobytes each. glibc's default thresholds adapt
-    to such sizes but still trim the heap top after nearly every batch, so the next
-    batch touches fresh pages: measured under pub/sub load, ~50,000 page faults in 4 s
-    and a quarter of the throughput. With fixed thresholds (blocks up to 4 MiB from the
-    heap, up to 64 MiB of free heap kept) the faults drop to ~2,500. The memory kept is
-    what the peak batch needed, no more. Returns whether the settings took effect (only
-    with glibc; other allocators are left alone).
+    to such sizes, but depending on the order of allocations they can still trim the
+    heap top after nearly every batch, so that the next batch touches fresh pages:
+    measured under pub/sub load, up to ~50,000 page faults in 4 s, costing about a
+    fifth of the throughput. With fixed thresholds (blocks up to 4 MiB from the heap,
+    up to 64 MiB of free heap kept) the faults stay near 2,500 in every run. The memory
+    kept is what the peak batch needed, no more. Returns whether the settings took
+    effect (only with glibc; other allocators are left alone).
     """
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
