@@ -216,7 +216,7 @@ class RequestReader:
         lines = self._lines.feed(data)
         decoded = None if self._lines.overlong else _decode_all(cast("list[bytes]", lines))
         if decoded is not None:
-            batch = _all_publishes(decoded)
+            batch = _one_batch(decoded)
             out: list[Batch] = [batch] if batch is not None else self._frames(lines, decoded)
         else:
             out = self._frames(lines, repeat(_UNDECODED))
@@ -346,21 +346,33 @@ def _decode_all(lines: list[bytes]) -> list[Any] | None:
         return None
 
 
-def _all_publishes(objs: list[Any]) -> Publishes | None:
-    """The read as one :class:`Publishes` batch if every request in it is a publish
-    the line-by-line fast path would take as it is; else None.
+def _one_batch(objs: list[Any]) -> Publishes | Acks | None:
+    """The read as one :class:`Publishes` (or :class:`Acks`) batch if every request in
+    it is a publish (an ack) the line-by-line fast path would take as it is; else None.
 
-    A publisher's reads hold nothing but publishes, hundreds at a time. Each check
-    here is one pass over the whole read in C (``map``, ``set``, ``count``), so no
-    bytecode runs per message; what they accept is exactly what the fast path in
-    :meth:`RequestReader._frames` accepts, and anything else goes there.
+    A publisher's reads hold nothing but publishes, and a consumer's nothing but acks,
+    hundreds at a time. Each check here is one pass over the whole read in C (``map``,
+    ``set``, ``count``), so no bytecode runs per message; what they accept is exactly
+    what the fast path in :meth:`RequestReader._frames` accepts, and anything else
+    goes there.
     """
-    count = len(objs)
     if set(map(type, objs)) != _DICT_ONLY:
         return None
-    get = dict.get
-    if list(map(get, objs, repeat("action"))).count("publish") != count:
+    actions = list(map(dict.get, objs, repeat("action")))
+    first = actions[0]
+    if actions.count(first) != len(actions):
         return None
+    if first == "publish":
+        return _all_publishes(objs)
+    if first == "ack":
+        return _all_acks(objs)
+    return None
+
+
+def _all_publishes(objs: list[Any]) -> Publishes | None:
+    """``objs``, all dicts with action "publish", as one batch (see _one_batch)."""
+    count = len(objs)
+    get = dict.get
     rids = list(map(get, objs, repeat("id")))
     try:
         topics = _allowed(list(map(get, objs, repeat("topic"))), VALID_NAMES.keys())
@@ -386,6 +398,30 @@ def _all_publishes(objs: list[Any]) -> Publishes | None:
     return Publishes(topics, payloads, list(map(_FAST_MODES.__getitem__, raw_modes)), rids)
 
 
+def _all_acks(objs: list[Any]) -> Acks | None:
+    """``objs``, all dicts with action "ack", as one batch (see _one_batch)."""
+    count = len(objs)
+    get = dict.get
+    message_ids = cast("list[str]", list(map(get, objs, repeat("message_id"))))  # checked:
+    rids = list(map(get, objs, repeat("id")))
+    if set(map(type, message_ids)) != _STR_ONLY or not set(map(type, rids)) <= _RID_TYPES:
+        return None
+    # Each id: 1 to _MAX_MESSAGE_ID_CHARS ASCII letters, digits and dashes, not dashes
+    # only (as checked one by one in the fast path).
+    lengths = list(map(len, message_ids))
+    if min(lengths) < 1 or max(lengths) > _MAX_MESSAGE_ID_CHARS:
+        return None
+    joined = "".join(message_ids)
+    if not (joined.isascii() and joined.replace("-", "").isalnum()):
+        return None
+    if not all(map(str.strip, message_ids, repeat("-"))):
+        return None
+    # No field but action, message_id, and id where given (see _all_publishes).
+    if sum(map(len, objs)) != 3 * count - rids.count(None):
+        return None
+    return Acks(message_ids, rids)
+
+
 def _allowed(values: list[Any], allowed: Set[Any]) -> list[Any] | None:
     """``values`` if every one is in ``allowed``, else None.
 
@@ -401,6 +437,7 @@ def _allowed(values: list[Any], allowed: Set[Any]) -> list[Any] | None:
 
 
 _DICT_ONLY: Final = {dict}
+_STR_ONLY: Final = {str}
 _FAST_MODES: Final[Mapping[object, Mode]] = {
     None: Mode.PUBSUB,
     "pubsub": Mode.PUBSUB,

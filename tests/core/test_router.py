@@ -164,6 +164,35 @@ def test_acking_twice_or_from_another_connection_is_unknown_message(h: Harness) 
     assert error["code"] == "unknown_message"
 
 
+def test_a_run_of_acks_is_answered_in_order_whatever_it_mixes(h: Harness) -> None:
+    pub, c = h.connect(), h.connect()
+    h.send(c, subscribe("jobs", "queue", ack="manual", prefetch=4))
+    h.send(c, subscribe("mail", "queue", ack="manual", prefetch=4))
+    h.take(c)
+    h.send(pub, *[publish("jobs", n, "queue") for n in range(4)], publish("mail", 9, "queue"))
+    delivered = h.messages(c)
+    jobs = [m["message_id"] for m in delivered if m["topic"] == "jobs"]
+    [mail] = [m["message_id"] for m in delivered if m["topic"] == "mail"]
+    # One read: all plain acks of one consumer (the batched path) ...
+    replies = h.send(c, *[{"action": "ack", "message_id": m} for m in jobs[:2]])
+    assert [(r["type"], r["message_id"]) for r in replies] == [("ack", m) for m in jobs[:2]]
+    # ... then a read mixing another consumer, a repeat and an unknown id: each
+    # answered in turn.
+    acks = [jobs[2], mail, jobs[2], "t-999", jobs[3]]
+    replies = h.send(c, *[{"action": "ack", "message_id": m} for m in acks])
+    assert [r.get("code", r["type"]) for r in replies] == [
+        "ack",
+        "ack",
+        "unknown_message",
+        "unknown_message",
+        "ack",
+    ]
+    assert [r["message_id"] for r in replies] == acks
+    # Every ack freed a prefetch slot: four more messages come at once.
+    h.send(pub, *[publish("jobs", n, "queue") for n in range(4, 8)])
+    assert len([m for m in h.messages(c) if m["topic"] == "jobs"]) == 4
+
+
 def test_nack_requeue_redelivers_to_another_consumer_marked_redelivered(h: Harness) -> None:
     a, b, pub = h.connect(), h.connect(), h.connect()
     h.send(a, subscribe("jobs", "queue", ack="manual", prefetch=1))

@@ -43,6 +43,28 @@ ODD = [
 ]
 
 
+ACKS = [
+    b'{"action":"ack","message_id":"m-1"}',
+    b'{"message_id":"abc0def-17","action":"ack"}',
+    b'{"action":"ack","message_id":"m-2","id":4}',
+    b'{"action":"ack","message_id":"x","id":"r"}',
+]
+
+ODD_ACKS = [
+    b'{"action":"ack","message_id":"---"}',
+    b'{"action":"ack","message_id":""}',
+    b'{"action":"ack","message_id":"m 1"}',
+    b'{"action":"ack","message_id":"m\\u00e9"}',
+    b'{"action":"ack","message_id":"' + b"m" * 129 + b'"}',
+    b'{"action":"ack","message_id":7}',
+    b'{"action":"ack","message_id":"m-3","id":null}',
+    b'{"action":"ack","message_id":"m-3","id":{}}',
+    b'{"action":"ack","message_id":"m-3","requeue":true}',
+    b'{"action":"ack"}',
+    b'{"action":"nack","message_id":"m-3"}',
+]
+
+
 def one_at_a_time(lines: list[bytes]) -> list[Request | RequestError]:
     frames: list[Request | RequestError] = []
     for line in lines:
@@ -100,3 +122,17 @@ def test_an_overlong_line_among_publishes_is_an_error_in_its_place() -> None:
     assert [type(f) for f in frames] == [Publish, RequestError, Publish]
     # The next read, all publishes again, takes the batched path.
     assert [type(b) for b in reader.feed_batches(short + b"\n" + short + b"\n")] == [Publishes]
+
+
+def test_a_read_of_well_formed_acks_is_one_batch() -> None:
+    lines = ACKS * 50
+    batches = RequestReader().feed_batches(b"\n".join(lines) + b"\n")
+    assert len(batches) == 1
+    assert isinstance(batches[0], Acks)
+    assert list(batches[0]) == one_at_a_time(lines)
+
+
+@pytest.mark.parametrize("odd", ODD_ACKS, ids=range(len(ODD_ACKS)))
+def test_one_odd_line_among_acks_reads_as_line_by_line(odd: bytes) -> None:
+    lines = [*ACKS, odd, *ACKS]
+    assert RequestReader().feed(b"\n".join(lines) + b"\n") == one_at_a_time(lines)
