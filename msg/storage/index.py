@@ -55,7 +55,7 @@ from enum import StrEnum
 from itertools import repeat
 from operator import attrgetter
 from types import MappingProxyType
-from typing import Final
+from typing import Final, cast
 
 from msg.persistence import (
     Append,
@@ -171,6 +171,8 @@ if {LIFECYCLE[s, e] for s in (_S.SETTLING, _S.SETTLING_RELEASED) for e in (_E.AC
 _MESSAGE_ID_OF: Final = attrgetter("delivery.message_id")
 _ONE_MORE: Final = (1).__add__
 _PAYLOAD_OF: Final = attrgetter("delivery.payload")
+_STATE_OF: Final = attrgetter("state")
+_CONSUMER_OF: Final = attrgetter("delivery.consumer")
 
 
 def _consume(iterator: Iterator[object]) -> None:
@@ -813,11 +815,21 @@ class QueueIndex:
         self, consumer: str, message_ids: Sequence[str]
     ) -> tuple[list[Entry], list[str]]:
         """Start settling: (entries now SETTLING, ids not in flight to ``consumer``)."""
+        found = list(map(self.entries.get, message_ids))
+        if (
+            found.count(None) == 0
+            and list(map(_STATE_OF, found)).count(State.IN_FLIGHT) == len(found)
+            and list(map(_CONSUMER_OF, found)).count(consumer) == len(found)
+            and len(set(message_ids)) == len(found)  # (hashes cached by the lookups)
+        ):
+            # The usual settle: every id in flight to this consumer, none repeated.
+            _consume(map(setattr, found, repeat("state"), repeat(_SETTLING)))
+            return cast("list[Entry]", found), []
         begun: list[Entry] = []
         unknown: list[str] = []
         in_flight = State.IN_FLIGHT
         settling = _SETTLING
-        for message_id, entry in zip(message_ids, map(self.entries.get, message_ids), strict=True):
+        for message_id, entry in zip(message_ids, found, strict=True):
             if entry is None or entry.state is not in_flight or entry.delivery.consumer != consumer:
                 unknown.append(message_id)
             else:
@@ -844,9 +856,8 @@ class QueueIndex:
             for entry in entries:
                 self._make_ready(entry, Event.REQUEUE)
         else:
-            done = _DONE  # from either settling state (checked at import)
-            for entry in entries:
-                entry.state = done
+            # DONE from either settling state (checked at import).
+            _consume(map(setattr, entries, repeat("state"), repeat(_DONE)))
             # Done: forgotten but for ``recent``; bulk deletes, looped in C.
             _consume(map(self.entries.__delitem__, ids))
             _consume(map(self.live.__delitem__, ids))
