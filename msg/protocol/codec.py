@@ -224,8 +224,14 @@ class RequestReader:
             self._early_tries = 0  # any unfinished line now is a new one
         # A complete object with no newline after it: see the module docstring. Only a
         # read ending in '}' can complete one (a failed try stays failed until then), so
-        # other reads never copy or re-parse the unfinished line.
-        if self._early_tries < _MAX_EARLY_TRIES and data.rstrip().endswith(b"}"):
+        # other reads never copy or re-parse the unfinished line. (A read ending in a
+        # newline leaves no unfinished line; checking that first spares rstrip() a copy
+        # of the whole read.)
+        if (
+            self._early_tries < _MAX_EARLY_TRIES
+            and not data.endswith(b"\n")
+            and data.rstrip().endswith(b"}")
+        ):
             partial = self._lines.partial
             if partial:
                 self._early_tries += 1
