@@ -193,6 +193,31 @@ def test_a_run_of_acks_is_answered_in_order_whatever_it_mixes(h: Harness) -> Non
     assert len([m for m in h.messages(c) if m["topic"] == "jobs"]) == 4
 
 
+def test_a_claim_for_many_consumers_keeps_each_ones_order(h: Harness) -> None:
+    pub = h.connect()
+    consumers = [h.connect() for _ in range(3)]
+    for c in consumers:
+        h.send(c, subscribe("jobs", "queue", ack="manual", prefetch=100))
+    # One connection with two consumers (of two queues) takes the one-by-one path.
+    both = h.connect()
+    h.send(both, subscribe("jobs", "queue", ack="manual", prefetch=100))
+    h.send(both, subscribe("mail", "queue", ack="manual", prefetch=100))
+    h.send(pub, *[publish("jobs", n, "queue") for n in range(40)])
+    got = {c: h.messages(c) for c in [*consumers, both]}
+    numbers = {c: [m["message"] for m in ms] for c, ms in got.items()}
+    assert sorted(n for ns in numbers.values() for n in ns) == list(range(40))
+    for ns in numbers.values():
+        assert ns == sorted(ns)
+        assert len(ns) == 10  # round-robin
+    # Each delivery can be acked by its own consumer's connection, and only by it.
+    a, b = consumers[0], consumers[1]
+    [error] = h.send(b, {"action": "ack", "message_id": got[a][0]["message_id"]})
+    assert error["code"] == "unknown_message"
+    for c, ms in got.items():
+        replies = h.send(c, *[{"action": "ack", "message_id": m["message_id"]} for m in ms])
+        assert [r["type"] for r in replies] == ["ack"] * 10
+
+
 def test_nack_requeue_redelivers_to_another_consumer_marked_redelivered(h: Harness) -> None:
     a, b, pub = h.connect(), h.connect(), h.connect()
     h.send(a, subscribe("jobs", "queue", ack="manual", prefetch=1))
