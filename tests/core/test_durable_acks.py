@@ -34,6 +34,17 @@ def publish_n(h: Harness, count: int) -> None:
     assert [r["type"] for r in replies] == ["ack"] * count
 
 
+def subscribed_to_published(
+    h: Harness, count: int, **options: Any
+) -> tuple[int, list[dict[str, Any]]]:
+    """A new connection subscribed as "svc" to "news", then ``count`` messages
+    published: the connection and what it was delivered."""
+    session = h.connect()
+    h.send(session, subscribe("svc", **options))
+    publish_n(h, count)
+    return session, h.messages(session)
+
+
 def stored(h: Harness, name: str = "svc") -> Cursor:
     """The cursor as the store holds it (it exists: opening does not create it)."""
     assert name in run_now(h.store.stats()).topics["news"].cursors
@@ -46,10 +57,7 @@ def stored(h: Harness, name: str = "svc") -> Cursor:
 def test_acked_after_an_unacked_one_are_not_delivered_again_after_a_reconnect(
     h: Harness,
 ) -> None:
-    s1 = h.connect()
-    h.send(s1, subscribe("svc", prefetch=1000))
-    publish_n(h, 1000)
-    got = h.messages(s1)
+    s1, got = subscribed_to_published(h, 1000, prefetch=1000)
     assert [m["message"] for m in got] == list(range(1000))
     replies = h.send(s1, *(ack(m, id=n) for n, m in enumerate(got[1:], 1)))
     assert [r["id"] for r in replies] == list(range(1, 1000))
@@ -74,10 +82,7 @@ def test_acked_after_an_unacked_one_are_not_delivered_again_after_a_reconnect(
 
 @pytest.mark.parametrize("prefetch", [1, 3, 100])
 def test_scattered_acks_bring_back_exactly_the_unacked_in_order(h: Harness, prefetch: int) -> None:
-    s1 = h.connect()
-    h.send(s1, subscribe("svc", prefetch=100))
-    publish_n(h, 100)
-    got = h.messages(s1)
+    s1, got = subscribed_to_published(h, 100, prefetch=100)
     held = [m["message"] for m in got if m["message"] % 7 == 0 or m["message"] % 10 == 3]
     h.send(s1, *(ack(m) for m in got if m["message"] not in held))
     h.disconnect(s1)
@@ -102,10 +107,7 @@ def test_a_reconnect_in_the_same_iteration_as_the_disconnect_sees_the_last_acks(
     # The old connection acks and drops, and the subscriber is back, all before the
     # server flushes: the old subscription's last commit must reach the store before
     # the new one opens the cursor.
-    s1 = h.connect()
-    h.send(s1, subscribe("svc", prefetch=10))
-    publish_n(h, 5)
-    got = h.messages(s1)
+    s1, got = subscribed_to_published(h, 5, prefetch=10)
     h.router.handle(s1, [parse_request(ack(m)) for m in got[2:]], h.now)
     h.router.disconnect(s1)
     s2 = h.connect()
@@ -114,10 +116,7 @@ def test_a_reconnect_in_the_same_iteration_as_the_disconnect_sees_the_last_acks(
 
 
 def test_a_nack_without_requeue_counts_as_done_above_the_floor(h: Harness) -> None:
-    s1 = h.connect()
-    h.send(s1, subscribe("svc"))
-    publish_n(h, 4)
-    got = h.messages(s1)
+    s1, got = subscribed_to_published(h, 4)
     h.send(s1, {"action": "nack", "message_id": got[2]["message_id"], "requeue": False})
     h.send(s1, ack(got[3]))
     assert stored(h) == Cursor(0, ((2, 3),))
@@ -128,10 +127,7 @@ def test_a_nack_without_requeue_counts_as_done_above_the_floor(h: Harness) -> No
 
 
 def test_a_requeued_message_stays_a_gap_until_acked(h: Harness) -> None:
-    s = h.connect()
-    h.send(s, subscribe("svc", prefetch=10))
-    publish_n(h, 3)
-    got = h.messages(s)
+    s, got = subscribed_to_published(h, 3, prefetch=10)
     h.send(s, ack(got[0]), ack(got[2]))
     h.send(s, {"action": "nack", "message_id": got[1]["message_id"]})
     [again] = h.messages(s)
@@ -142,10 +138,7 @@ def test_a_requeued_message_stays_a_gap_until_acked(h: Harness) -> None:
 
 
 def test_an_auto_ack_subscriber_skips_what_a_manual_one_acked(h: Harness) -> None:
-    s1 = h.connect()
-    h.send(s1, subscribe("svc"))
-    publish_n(h, 6)
-    got = h.messages(s1)
+    s1, got = subscribed_to_published(h, 6)
     h.send(s1, ack(got[1]), ack(got[4]), ack(got[5]))
     h.disconnect(s1)
     s2 = h.connect()
@@ -155,10 +148,7 @@ def test_an_auto_ack_subscriber_skips_what_a_manual_one_acked(h: Harness) -> Non
 
 
 def test_status_counts_what_is_acked_ahead_as_not_pending(h: Harness) -> None:
-    s = h.connect()
-    h.send(s, subscribe("svc"))
-    publish_n(h, 10)
-    got = h.messages(s)
+    s, got = subscribed_to_published(h, 10)
     h.send(s, *(ack(m) for m in got[3:]))
     [status] = h.send(s, {"action": "status"})
     assert status["topics"]["news"]["durable"]["svc"] == {
@@ -184,10 +174,7 @@ class RecordingStore(MemoryStore):
 def test_the_acks_of_one_read_make_one_commit_that_every_reply_waits_for() -> None:
     h = Harness()
     store = h.store = RecordingStore()
-    s = h.connect()
-    h.send(s, subscribe("svc"))
-    publish_n(h, 5)
-    got = h.messages(s)
+    s, got = subscribed_to_published(h, 5)
     store.commits.clear()
     replies = h.send(s, *(ack(m, id=n) for n, m in enumerate(got) if n != 1))
     assert [r["id"] for r in replies] == [0, 2, 3, 4]

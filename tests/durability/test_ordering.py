@@ -527,6 +527,17 @@ async def test_the_check_catches_acks_sent_before_their_fsync(data_dir: Path) ->
 
 PUB = b'{"op":"pub","seq":0,"id":"m1"}\n'
 PUBLISH_ACK = b'{"type":"ack","id":"p1","message_id":"m1"}\n'
+DURABLE_ACK = b'{"type":"ack","id":"c1","message_id":"m1"}\n'
+
+
+def cursor_trace(pub: bytes, cursor_records: bytes) -> list[Event]:
+    """A topic record and cursor records written, then both files synced."""
+    return [
+        Event(1, "write", "/d/t/0.log", pub),
+        Event(2, "write", "/d/t/cursors.log", cursor_records),
+        Event(3, "sync", "/d/t/0.log", end=4),
+        Event(5, "sync", "/d/t/cursors.log", end=6),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -594,72 +605,42 @@ PUBLISH_ACK = b'{"type":"ack","id":"p1","message_id":"m1"}\n'
             id="queue-ack-durable",
         ),
         pytest.param(
-            [
-                Event(1, "write", "/d/t/0.log", PUB),
-                Event(2, "write", "/d/t/cursors.log", b'{"op":"cur","name":"audit","pos":0}\n'),
-                Event(3, "sync", "/d/t/0.log", end=4),
-                Event(5, "sync", "/d/t/cursors.log", end=6),
-            ],
-            b'{"type":"ack","id":"c1","message_id":"m1"}\n',
+            cursor_trace(PUB, b'{"op":"cur","name":"audit","pos":0}\n'),
+            DURABLE_ACK,
             "no durable ack record written yet",
             id="cursor-not-past-the-message",
         ),
         pytest.param(
-            [
-                Event(1, "write", "/d/t/0.log", PUB),
-                Event(2, "write", "/d/t/cursors.log", b'{"op":"cur","name":"audit","pos":1}\n'),
-                Event(3, "sync", "/d/t/0.log", end=4),
-            ],
-            b'{"type":"ack","id":"c1","message_id":"m1"}\n',
+            cursor_trace(PUB, b'{"op":"cur","name":"audit","pos":1}\n')[:3],
+            DURABLE_ACK,
             "cursors.log not synced after the write",
             id="cursor-not-synced",
         ),
         pytest.param(
-            [
-                Event(1, "write", "/d/t/0.log", PUB),
-                Event(
-                    2,
-                    "write",
-                    "/d/t/cursors.log",
-                    b'{"op":"cur","name":"audit","pos":1}\n'
-                    + b'{"op":"cur","name":"audit","pos":0,"acked":[[2,3]]}\n',
-                ),
-                Event(3, "sync", "/d/t/0.log", end=4),
-                Event(5, "sync", "/d/t/cursors.log", end=6),
-            ],
-            b'{"type":"ack","id":"c1","message_id":"m1"}\n',
+            cursor_trace(
+                PUB,
+                b'{"op":"cur","name":"audit","pos":1}\n'
+                b'{"op":"cur","name":"audit","pos":0,"acked":[[2,3]]}\n',
+            ),
+            DURABLE_ACK,
             "",
             id="cursor-floor-past-the-message",
         ),
         pytest.param(
-            [
-                Event(1, "write", "/d/t/0.log", PUB.replace(b'"seq":0', b'"seq":2')),
-                Event(
-                    2,
-                    "write",
-                    "/d/t/cursors.log",
-                    b'{"op":"cur","name":"audit","pos":0,"acked":[[2,3]]}\n',
-                ),
-                Event(3, "sync", "/d/t/0.log", end=4),
-                Event(5, "sync", "/d/t/cursors.log", end=6),
-            ],
-            b'{"type":"ack","id":"c1","message_id":"m1"}\n',
+            cursor_trace(
+                PUB.replace(b'"seq":0', b'"seq":2'),
+                b'{"op":"cur","name":"audit","pos":0,"acked":[[2,3]]}\n',
+            ),
+            DURABLE_ACK,
             "",
             id="cursor-acked-above-the-floor",
         ),
         pytest.param(
-            [
-                Event(1, "write", "/d/t/0.log", PUB.replace(b'"seq":0', b'"seq":4')),
-                Event(
-                    2,
-                    "write",
-                    "/d/t/cursors.log",
-                    b'{"op":"cur","name":"audit","pos":0,"acked":[[2,3],[5,6]]}\n',
-                ),
-                Event(3, "sync", "/d/t/0.log", end=4),
-                Event(5, "sync", "/d/t/cursors.log", end=6),
-            ],
-            b'{"type":"ack","id":"c1","message_id":"m1"}\n',
+            cursor_trace(
+                PUB.replace(b'"seq":0', b'"seq":4'),
+                b'{"op":"cur","name":"audit","pos":0,"acked":[[2,3],[5,6]]}\n',
+            ),
+            DURABLE_ACK,
             "no durable ack record written yet",
             id="cursor-gap-at-the-message",
         ),
