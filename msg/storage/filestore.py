@@ -687,7 +687,7 @@ class FileStore:
                     item.payloads,
                     item.published_at,
                     write.segment.number,
-                    item.fresh,
+                    fresh=item.fresh,
                 )
                 if run is not None:
                     write.runs.append(run)
@@ -698,7 +698,7 @@ class FileStore:
                     )
                     continue
             else:
-                offer = write.log.index.offer(item.message_ids, item.payloads, item.fresh)
+                offer = write.log.index.offer(item.message_ids, item.payloads, fresh=item.fresh)
                 if offer.seqs:
                     write.offers.append((offer, item.published_at))
                     write.add(

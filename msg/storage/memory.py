@@ -122,7 +122,9 @@ class MemoryStore:
 
     def _append_queue(self, item: Append) -> Appended:
         queue = self._index.queue(item.name)
-        offer, run = queue.offer(item.message_ids, item.payloads, item.published_at, 0, item.fresh)
+        offer, run = queue.offer(
+            item.message_ids, item.payloads, item.published_at, fresh=item.fresh
+        )
         if run is not None:
             queue.commit(run)
         if offer.full:
@@ -132,7 +134,7 @@ class MemoryStore:
     def _append_topic(self, item: Append) -> Appended:
         topic = self._topic(item.name)
         tindex = topic.index
-        offer = tindex.offer(item.message_ids, item.payloads, item.fresh)
+        offer = tindex.offer(item.message_ids, item.payloads, fresh=item.fresh)
         seqs = offer.seqs
         if seqs:
             tindex.end = seqs.stop
