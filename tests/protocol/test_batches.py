@@ -7,6 +7,8 @@ must be the ones its lines give when fed one at a time.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from msg.protocol.codec import RequestReader
@@ -136,3 +138,116 @@ def test_a_read_of_well_formed_acks_is_one_batch() -> None:
 def test_one_odd_line_among_acks_reads_as_line_by_line(odd: bytes) -> None:
     lines = [*ACKS, odd, *ACKS]
     assert RequestReader().feed(b"\n".join(lines) + b"\n") == one_at_a_time(lines)
+
+
+# -- lines of one shape: cut apart by their common text --------------------------------
+
+# A client's publishes usually differ only in their message. Such a read is cut into
+# messages by one split and checked as a whole; these tests hold it to reading exactly
+# as line by line, whatever is mixed in and wherever the reads are cut.
+
+SHAPED = [
+    b'{"action":"publish","topic":"orders","message":' + message + b"}"
+    for message in (
+        b"1",
+        b'"plain text"',
+        b'{"n":1,"tags":["a","b"]}',
+        b"[]",
+        b"null",
+        b"-2.5",
+        b'"caf\xc3\xa9 \\" \\\\ \\n"',
+        b'"}\\n{\\"action\\":\\"publish\\"}"',
+    )
+]
+
+# Each a line a client could send among shaped ones: alone, each reads as it always has.
+NOT_CANONICAL = [
+    b'{"action":"publish","topic":"orders","message": 1}',
+    b'{"action":"publish","topic":"orders","message":1 }',
+    b'{"action":"publish","topic":"orders","message":{"n": 1}}',
+    b'{"action":"publish","topic":"orders","message":1E2}',
+    b'{"action":"publish","topic":"orders","message":"\\u0041\\/"}',
+    b'{"action":"publish","topic":"orders","message":18446744073709551616}',
+    b'{"action":"publish","topic":"orders","message":}',
+    b'{"action":"publish","topic":"orders","message":1,"message":2}',
+    b'{"action":"publish","topic":"orders","message":"x"}\r',
+    b'{"action":"publish","topic":"orders","message":"unterminated}',
+    b'{"action":"publish","topic":"orders","message":"\xff"}',
+    b"   ",
+    b'{"action":"publish","topic":"audit","message":1}',
+]
+
+PREFIX = b'{"action":"publish","topic":"orders","message":'
+
+# Lines each invalid alone that would make valid requests if the reader joined them:
+# it must not.
+SPLICED = [
+    PREFIX + b'[{"b":1}}',
+    PREFIX + b"2}]}",
+    PREFIX + b"3}," + PREFIX + b"4}",
+]
+
+
+def fed_in_pieces(lines: list[bytes], seed: int) -> list[Request | RequestError]:
+    """The frames of ``lines`` sent as one stream, read in chunks of random sizes."""
+    stream = b"\n".join(lines) + b"\n"
+    rng = random.Random(seed)
+    reader = RequestReader()
+    frames: list[Request | RequestError] = []
+    start = 0
+    while start < len(stream):
+        end = start + rng.randint(1, 300)
+        frames += reader.feed(stream[start:end])
+        start = end
+    return frames
+
+
+def test_a_read_of_shaped_publishes_is_one_batch_read_as_line_by_line() -> None:
+    lines = SHAPED * 40
+    batches = RequestReader().feed_batches(b"\n".join(lines) + b"\n")
+    assert len(batches) == 1
+    assert isinstance(batches[0], Publishes)
+    assert list(batches[0]) == one_at_a_time(lines)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        b'{"action":"publish","topic":"orders","mode":"queue","message":',
+        b'{"topic":"audit","message":',
+        b'{"action":"publish","id":"same","topic":"orders","message":',
+        b'{"message":0,"action":"publish","topic":"orders","message":',
+        b'{ "action" : "publish" , "topic" : "orders" , "message" :',
+    ],
+)
+def test_any_valid_shape_reads_as_line_by_line(prefix: bytes) -> None:
+    lines = [prefix + b'{"n":%d}}' % n for n in range(100)]
+    assert RequestReader().feed(b"\n".join(lines) + b"\n") == one_at_a_time(lines)
+
+
+@pytest.mark.parametrize("odd", NOT_CANONICAL, ids=range(len(NOT_CANONICAL)))
+def test_a_line_not_as_msg_writes_it_reads_as_line_by_line(odd: bytes) -> None:
+    lines = [*SHAPED, odd, *SHAPED]
+    assert RequestReader().feed(b"\n".join(lines) + b"\n") == one_at_a_time(lines)
+
+
+def test_lines_invalid_alone_are_not_joined_into_valid_ones() -> None:
+    lines = [*SHAPED, *SPLICED, *SHAPED]
+    frames = RequestReader().feed(b"\n".join(lines) + b"\n")
+    assert frames == one_at_a_time(lines)
+    assert [type(f) for f in frames[len(SHAPED) : -len(SHAPED)]] == [RequestError] * 3
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_reads_cut_anywhere_read_as_line_by_line(seed: int) -> None:
+    pool = SHAPED * 6 + NOT_CANONICAL + SPLICED + ODD + ACKS + [b""]
+    lines = random.Random(seed).choices(pool, k=300)
+    assert fed_in_pieces(lines, seed) == one_at_a_time([line for line in lines if line])
+
+
+def test_an_overlong_shaped_line_is_an_error_in_its_place() -> None:
+    reader = RequestReader(max_line_bytes=100)
+    short = PREFIX + b"1}"
+    long = PREFIX + b'"' + b"x" * 200 + b'"}'
+    frames = reader.feed(b"\n".join([short] * 30 + [long] + [short] * 30) + b"\n")
+    assert [type(f) for f in frames] == [Publish] * 30 + [RequestError] + [Publish] * 30
