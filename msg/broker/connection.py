@@ -119,7 +119,7 @@ class Connection(asyncio.Protocol):
                 )
                 self.abort()
         else:
-            self.server.drained(self)
+            self.server.wrote(self)
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None and not self.closing:

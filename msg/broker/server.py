@@ -286,8 +286,14 @@ class Server:
         self.schedule_flush()
 
     def drained(self, connection: Connection) -> None:
+        """The socket of ``connection`` took everything it was given and has room."""
         self.router.drained(connection.id)
-        self.schedule_flush()
+        self.schedule_flush()  # paused readers may resume (see _check_waiting)
+
+    def wrote(self, connection: Connection) -> None:
+        """A write to ``connection`` went into a socket that still has room."""
+        if self.router.drained(connection.id):
+            self.schedule_flush()
 
     # ------------------------------------------------------------------
     # The effect executor
@@ -330,14 +336,16 @@ class Server:
                 log.error("storage refuses writes (%s): publishes are rejected", read_only.value)
             else:
                 log.info("storage accepts writes again")
-        for call in router.take_calls():
-            self._start(call)
+        # Writes first: a store call only starts running at the next loop iteration
+        # anyway, and a delivery should not wait for the tasks to be made.
         connections = self._connections
         for session in router.take_dirty():
             connection = connections.get(session.id)
             frames = session.out.take()
             if connection is not None and frames:
                 connection.write(frames)
+        for call in router.take_calls():
+            self._start(call)
         for close in router.take_closes():
             connection = connections.get(close.session_id)
             if connection is not None:

@@ -270,19 +270,27 @@ class Router:
         self._run = None
         self._dirty[session_id] = session
 
-    def drained(self, session_id: int) -> None:
-        """The socket of ``session_id`` has room: auto-ack deliveries count as taken."""
+    def drained(self, session_id: int) -> bool:
+        """The socket of ``session_id`` has room: auto-ack deliveries count as taken.
+
+        Returns whether that gave a subscription room for more (work for the next
+        flush).
+        """
         session = self._sessions.get(session_id)
         if session is None:
-            return
+            return False
+        room = False
         for sub in session.subs.values():
             if type(sub) is QueueConsumer:
                 if sub.ack is AckMode.AUTO and sub.in_flight:
                     sub.in_flight = 0
                     self._to_dispatch[sub.queue.name] = sub.queue
+                    room = True
             elif type(sub) is DurableSub and sub.ack is AckMode.AUTO and sub.unflushed:
                 sub.unflushed = 0
                 self._to_pump[id(sub)] = sub
+                room = True
+        return room
 
     def tick(self, now: float) -> None:
         """Periodic work: rates, and taking back deliveries whose ack deadline passed."""
