@@ -12,12 +12,13 @@ two steps:
 2. :class:`RequestReader` decodes each line and validates it into a request frame, or
    into a :class:`~msg.protocol.frames.RequestError` naming what was wrong.
 
-A publisher's reads are hundreds of lines that differ only in their message, so the
-reader first tries the whole read as such a block (see
-:meth:`RequestReader._publish_block`): cut apart by one split on the text the lines
-share, with their messages checked together. It takes a block only when every line is
-exactly what msg itself would write for the request the line-by-line path would read
-from it; anything else is read line by line, so the result never depends on the path.
+A publisher's reads are hundreds of lines that differ only in their message, and a
+consumer's hundreds of acks that differ only in the message id. So the reader first
+tries the whole read as such a block (see :meth:`RequestReader._block`): cut apart by
+one split on the text the lines share, with what differs checked all together. It
+takes a block only when every line is exactly what msg itself would write for the
+request the line-by-line path would read from it; anything else is read line by line,
+so the result never depends on the path.
 
 One concession to clients that send a single object and wait for the answer without
 writing a newline (the seed's examples do): when a read ends with an unfinished line
@@ -239,8 +240,8 @@ class RequestReader:
         self._lines = LineBuffer(max_line_bytes)
         # Early parses of the current unfinished line (see feed).
         self._early_tries = 0
-        # What this client's publish lines last looked like (see _publish_block).
-        self._shape: _PublishShape | None = None
+        # What this client's lines last looked like (see _block).
+        self._shape: _PublishShape | _AckShape | None = None
 
     def feed(self, data: bytes) -> list[Request | RequestError]:
         """Add ``data``; return every request it completed, in order, one frame each."""
@@ -260,7 +261,7 @@ class RequestReader:
         of a thousand entries, with no object per message.
         """
         block = self._lines.feed_block(data)
-        fast = None if block is None else self._publish_block(block)
+        fast = None if block is None else self._block(block)
         out: list[Batch]
         if fast is not None:
             out = [fast]
@@ -297,47 +298,30 @@ class RequestReader:
                     out.append(parse_request(obj))
         return out
 
-    def _publish_block(self, block: bytes) -> Publishes | None:
-        """The block as one :class:`Publishes` batch if it is nothing but publishes
-        alike but for their messages, each line written exactly as msg would write it;
-        else None (the block is then read line by line).
+    def _block(self, block: bytes) -> Publishes | Acks | None:
+        """The block as one batch if its lines are all alike but for one value, each
+        line written exactly as msg would write it; else None (the block is then read
+        line by line).
 
-        A publisher's lines differ only in the message: ``{"action":"publish",
-        "topic":"t","message":`` + message + ``}``. Once one line has shown that
-        *shape* (the text before the message, checked by the full parser), a block of
-        such lines is cut into its messages by one ``split`` on ``}`` + newline +
-        shape, and the messages are checked together: one decode of them all as a
-        JSON array, and each must be exactly what encoding its value gives back. So
+        A publisher's lines differ only in the message (``{"action":"publish",
+        "topic":"t","message":`` + message + ``}``), a consumer's acks only in the
+        message id. Once a line has shown that *shape* (the text before the value,
+        checked by the full parser), a block of such lines is cut into its values by
+        one ``split`` on what lies between one value and the next, and the values are
+        checked all together (see :class:`_PublishShape` and :class:`_AckShape`). So
         every line accepted here is the canonical form of a request the full parser
         accepts, read exactly as it would read it; anything else (another shape, a
-        message spelt another way, a blank line, bad JSON) goes line by line.
+        value spelt another way, a blank line, bad JSON) goes line by line.
         """
         shape = self._shape
         if shape is None or not block.startswith(shape.prefix):
             first = block.find(b"\n")
             if first < 0:
                 return None  # one line: the line-by-line path costs no more
-            shape = self._shape = _PublishShape.of(block[:first])
+            shape = self._shape = _shape_of(block[:first])
             if shape is None:
                 return None
-        if not block.endswith(b"}"):
-            return None
-        messages = block[len(shape.prefix) : -1].split(shape.separator)
-        if (
-            len(block) > self.max_line_bytes
-            and max(map(len, messages)) + len(shape.prefix) + 1 > self.max_line_bytes
-        ):
-            return None
-        try:
-            values = loads(b"[" + b",".join(messages) + b"]")
-            if len(values) != len(messages) or not all(
-                map(bytes.__eq__, messages, map(dumps, values))
-            ):
-                return None
-        except (DecodeError, EncodeError, RecursionError):
-            return None
-        count = len(messages)
-        return Publishes([shape.topic] * count, messages, [shape.mode] * count, [shape.id] * count)
+        return shape.cut(block, self.max_line_bytes)
 
     def _frames(self, lines: list[bytes | LineTooLong], decoded: Iterable[Any]) -> list[Batch]:
         """Line by line: each line's frame, runs of publishes and acks as batches.
@@ -464,6 +448,91 @@ class _PublishShape:
         if type(request) is not Publish or request.payload != b"0":
             return None
         return cls(prefix, request)
+
+    def cut(self, block: bytes, max_line_bytes: int) -> Publishes | None:
+        """The publishes of ``block``, if every line is this shape + a message + ``}``.
+
+        The messages are decoded as one JSON array, and each must be exactly what
+        encoding its value gives back: so none is spelt another way, and none began
+        or ended in another line (a line that does not start with the shape leaves a
+        newline in a message, which no encoding writes).
+        """
+        if not block.endswith(b"}"):
+            return None
+        messages = block[len(self.prefix) : -1].split(self.separator)
+        if (
+            len(block) > max_line_bytes
+            and max(map(len, messages)) + len(self.prefix) + 1 > max_line_bytes
+        ):
+            return None
+        try:
+            values = loads(b"[" + b",".join(messages) + b"]")
+            if len(values) != len(messages) or not all(
+                map(bytes.__eq__, messages, map(dumps, values))
+            ):
+                return None
+        except (DecodeError, EncodeError, RecursionError):
+            return None
+        count = len(messages)
+        return Publishes([self.topic] * count, messages, [self.mode] * count, [self.id] * count)
+
+
+class _AckShape:
+    """What a consumer's ack lines share: all their text before the message id."""
+
+    __slots__ = ("id", "prefix", "separator")
+
+    def __init__(self, prefix: bytes, request: Ack) -> None:
+        self.prefix = prefix
+        """The line up to and including ``"message_id":"``."""
+        self.separator = '"}\n' + prefix.decode("ascii")
+        self.id = request.id
+
+    @classmethod
+    def of(cls, line: bytes) -> _AckShape | None:
+        """The shape of ``line`` if it is a valid ack with its message id last."""
+        end = line.find(b'"message_id":"')
+        if end < 0:
+            return None
+        prefix = line[: end + len(b'"message_id":"')]
+        try:
+            request = parse_request(loads(prefix + b'x"}'))
+        except (DecodeError, RecursionError):
+            return None
+        if type(request) is not Ack or request.message_id != "x" or not prefix.isascii():
+            return None
+        return cls(prefix, request)
+
+    def cut(self, block: bytes, max_line_bytes: int) -> Acks | None:
+        """The acks of ``block``, if every line is this shape + an id + ``"}``.
+
+        Each id must be what the line-by-line path accepts (1 to 128 ASCII letters,
+        digits and dashes, not dashes only); such an id needs no escaping, and holds
+        no quote or newline, so it cannot have run into another line.
+        """
+        if not block.endswith(b'"}') or len(block) > max_line_bytes:
+            return None
+        try:
+            message_ids = block[len(self.prefix) : -2].decode("ascii").split(self.separator)
+        except UnicodeDecodeError:
+            return None
+        lengths = list(map(len, message_ids))
+        if min(lengths) < 1 or max(lengths) > _MAX_MESSAGE_ID_CHARS:
+            return None
+        if not "".join(message_ids).replace("-", "").isalnum():
+            return None
+        if not all(map(str.strip, message_ids, repeat("-"))):
+            return None
+        return Acks(message_ids, [self.id] * len(message_ids))
+
+
+def _shape_of(line: bytes) -> _PublishShape | _AckShape | None:
+    """The shape of ``line``, if it is an ack or a publish that has one."""
+    if b'"message_id":"' in line:
+        shape = _AckShape.of(line)
+        if shape is not None:
+            return shape
+    return _PublishShape.of(line)
 
 
 # Stands for a line not decoded yet (JSON null decodes to None, so None cannot).
