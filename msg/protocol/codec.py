@@ -316,9 +316,7 @@ class RequestReader:
         shape = self._shape
         if shape is None or not block.startswith(shape.prefix):
             first = block.find(b"\n")
-            if first < 0:
-                return None  # one line: the line-by-line path costs no more
-            shape = self._shape = _shape_of(block[:first])
+            shape = self._shape = _shape_of(block if first < 0 else block[:first])
             if shape is None:
                 return None
         return shape.cut(block, self.max_line_bytes)
@@ -420,7 +418,7 @@ class RequestReader:
 class _PublishShape:
     """What a client's publish lines share: all their text before the message."""
 
-    __slots__ = ("id", "mode", "prefix", "separator", "topic")
+    __slots__ = ("mode", "prefix", "separator", "topic")
 
     def __init__(self, prefix: bytes, request: Publish) -> None:
         self.prefix = prefix
@@ -429,13 +427,12 @@ class _PublishShape:
         """What lies between one message and the next in a block of such lines."""
         self.topic = request.topic
         self.mode = request.mode
-        self.id = request.id
 
     @classmethod
     def of(cls, line: bytes) -> _PublishShape | None:
         """The shape of ``line`` if it is a valid publish with its message last."""
         end = line.find(b'"message":')
-        if end < 0:
+        if end < 0 or b'"id":' in line[:end]:
             return None
         prefix = line[: end + len(b'"message":')]
         # With the message 0 in place of the real one, the full parser says whether the
@@ -445,8 +442,8 @@ class _PublishShape:
             request = parse_request(loads(prefix + b"0}"))
         except (DecodeError, RecursionError):
             return None
-        if type(request) is not Publish or request.payload != b"0":
-            return None
+        if type(request) is not Publish or request.payload != b"0" or request.id is not None:
+            return None  # (lines with a request id differ in more than the message)
         return cls(prefix, request)
 
     def cut(self, block: bytes, max_line_bytes: int) -> Publishes | None:
@@ -474,19 +471,18 @@ class _PublishShape:
         except (DecodeError, EncodeError, RecursionError):
             return None
         count = len(messages)
-        return Publishes([self.topic] * count, messages, [self.mode] * count, [self.id] * count)
+        return Publishes([self.topic] * count, messages, [self.mode] * count, [None] * count)
 
 
 class _AckShape:
     """What a consumer's ack lines share: all their text before the message id."""
 
-    __slots__ = ("id", "prefix", "separator")
+    __slots__ = ("prefix", "separator")
 
-    def __init__(self, prefix: bytes, request: Ack) -> None:
+    def __init__(self, prefix: bytes) -> None:
         self.prefix = prefix
         """The line up to and including ``"message_id":"``."""
         self.separator = '"}\n' + prefix.decode("ascii")
-        self.id = request.id
 
     @classmethod
     def of(cls, line: bytes) -> _AckShape | None:
@@ -499,9 +495,14 @@ class _AckShape:
             request = parse_request(loads(prefix + b'x"}'))
         except (DecodeError, RecursionError):
             return None
-        if type(request) is not Ack or request.message_id != "x" or not prefix.isascii():
+        if (
+            type(request) is not Ack
+            or request.message_id != "x"
+            or request.id is not None
+            or not prefix.isascii()
+        ):
             return None
-        return cls(prefix, request)
+        return cls(prefix)
 
     def cut(self, block: bytes, max_line_bytes: int) -> Acks | None:
         """The acks of ``block``, if every line is this shape + an id + ``"}``.
@@ -523,7 +524,7 @@ class _AckShape:
             return None
         if not all(map(str.strip, message_ids, repeat("-"))):
             return None
-        return Acks(message_ids, [self.id] * len(message_ids))
+        return Acks(message_ids, [None] * len(message_ids))
 
 
 def _shape_of(line: bytes) -> _PublishShape | _AckShape | None:

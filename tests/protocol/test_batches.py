@@ -8,10 +8,11 @@ must be the ones its lines give when fed one at a time.
 from __future__ import annotations
 
 import random
+from itertools import repeat
 
 import pytest
 
-from msg.protocol.codec import RequestReader
+from msg.protocol.codec import _UNDECODED, RequestReader
 from msg.protocol.frames import Acks, Mode, Publish, Publishes, Request, RequestError
 from msg.protocol.names import name_problem
 
@@ -68,9 +69,14 @@ ODD_ACKS = [
 
 
 def one_at_a_time(lines: list[bytes]) -> list[Request | RequestError]:
+    """The reference: each line decoded and checked alone, by the line-by-line path."""
     frames: list[Request | RequestError] = []
     for line in lines:
-        frames += RequestReader().feed(line + b"\n")
+        for frame in RequestReader()._frames([line], repeat(_UNDECODED)):
+            if isinstance(frame, Publishes | Acks):
+                frames.extend(frame)
+            else:
+                frames.append(frame)
     return frames
 
 
@@ -303,3 +309,10 @@ def test_an_ack_not_as_msg_writes_it_reads_as_line_by_line(odd: bytes, after: li
 def test_any_valid_ack_shape_reads_as_line_by_line(prefix: bytes) -> None:
     lines = [prefix + b'm-%d"}' % n for n in range(100)]
     assert RequestReader().feed(b"\n".join(lines) + b"\n") == one_at_a_time(lines)
+
+
+@pytest.mark.parametrize("line", SHAPED + SHAPED_ACKS + NOT_CANONICAL + NOT_CANONICAL_ACKS + ODD)
+def test_a_read_of_one_line_reads_as_line_by_line(line: bytes) -> None:
+    reader = RequestReader()
+    for _ in range(3):  # the first read of a shape, and reads after it
+        assert reader.feed(line + b"\n") == one_at_a_time([line])
