@@ -46,6 +46,8 @@ class SequentialIds:
         return self._prefix + str(next(self._counter))
 
     def next_ids(self, count: int) -> list[str]:
+        if count == 1:  # a lone publish (a quiet moment): the shortest path
+            return [self._prefix + str(next(self._counter))]
         first = next(self._counter)
         # Skip the counter ahead; count >= 1, and the first number is already taken.
         self._counter = itertools.count(first + count)
