@@ -210,7 +210,8 @@ def main() -> None:
             )
         )
         return
-    # The loop the broker's command line would pick (uvloop unless MSG_LOOP=asyncio).
+    # The loop the broker's command line would pick (uvloop unless MSG_LOOP=asyncio),
+    # chosen here rather than by msg.cli's helper: --tree may point to any commit's msg.
     loop_factory = None
     if os.environ.get("MSG_LOOP", "").lower() != "asyncio":
         try:

@@ -431,19 +431,12 @@ class _PublishShape:
     @classmethod
     def of(cls, line: bytes) -> _PublishShape | None:
         """The shape of ``line`` if it is a valid publish with its message last."""
-        end = line.find(b'"message":')
-        if end < 0 or b'"id":' in line[:end]:
+        found = _read_with(line, b'"message":', b"0}")
+        if found is None:
             return None
-        prefix = line[: end + len(b'"message":')]
-        # With the message 0 in place of the real one, the full parser says whether the
-        # rest is a valid publish and what it means. It can only parse if the prefix
-        # ends where the value of the object's own "message" field begins.
-        try:
-            request = parse_request(loads(prefix + b"0}"))
-        except (DecodeError, RecursionError):
-            return None
+        prefix, request = found
         if type(request) is not Publish or request.payload != b"0" or request.id is not None:
-            return None  # (lines with a request id differ in more than the message)
+            return None
         return cls(prefix, request)
 
     def cut(self, block: bytes, max_line_bytes: int) -> Publishes | None:
@@ -487,14 +480,10 @@ class _AckShape:
     @classmethod
     def of(cls, line: bytes) -> _AckShape | None:
         """The shape of ``line`` if it is a valid ack with its message id last."""
-        end = line.find(b'"message_id":"')
-        if end < 0:
+        found = _read_with(line, b'"message_id":"', b'x"}')
+        if found is None:
             return None
-        prefix = line[: end + len(b'"message_id":"')]
-        try:
-            request = parse_request(loads(prefix + b'x"}'))
-        except (DecodeError, RecursionError):
-            return None
+        prefix, request = found
         if (
             type(request) is not Ack
             or request.message_id != "x"
@@ -525,6 +514,28 @@ class _AckShape:
         if not all(map(str.strip, message_ids, repeat("-"))):
             return None
         return Acks(message_ids, [None] * len(message_ids))
+
+
+def _read_with(
+    line: bytes, field: bytes, value: bytes
+) -> tuple[bytes, Request | RequestError] | None:
+    """``line`` up to and including ``field``, and the request the full parser reads
+    from that text completed by ``value``; None if ``field`` is not in the line, the
+    text before it names a request id (lines with ids differ in more than their last
+    value), or the completed text is not JSON.
+
+    The completed text can only parse if the prefix ends where the value of the
+    object's own ``field`` begins, so the parser says whether lines of this shape are
+    valid requests and what they mean.
+    """
+    end = line.find(field)
+    if end < 0 or b'"id":' in line[:end]:
+        return None
+    prefix = line[: end + len(field)]
+    try:
+        return prefix, parse_request(loads(prefix + value))
+    except (DecodeError, RecursionError):
+        return None
 
 
 def _shape_of(line: bytes) -> _PublishShape | _AckShape | None:

@@ -227,33 +227,52 @@ def fed_in_pieces(lines: list[bytes], seed: int) -> list[Request | RequestError]
     return frames
 
 
-def test_a_read_of_shaped_publishes_is_one_batch_read_as_line_by_line() -> None:
-    lines = SHAPED * 40
-    batches = RequestReader().feed_batches(b"\n".join(lines) + b"\n")
+@pytest.mark.parametrize(("lines", "kind"), [(SHAPED, Publishes), (SHAPED_ACKS, Acks)])
+def test_a_read_of_shaped_lines_is_one_batch_read_as_line_by_line(
+    lines: list[bytes], kind: type[Publishes | Acks]
+) -> None:
+    batches = RequestReader().feed_batches(b"\n".join(lines * 40) + b"\n")
     assert len(batches) == 1
-    assert isinstance(batches[0], Publishes)
-    assert list(batches[0]) == one_at_a_time(lines)
+    assert isinstance(batches[0], kind)
+    assert list(batches[0]) == one_at_a_time(lines * 40)
 
 
 @pytest.mark.parametrize(
-    "prefix",
+    "lines",
     [
-        b'{"action":"publish","topic":"orders","mode":"queue","message":',
-        b'{"topic":"audit","message":',
-        b'{"action":"publish","id":"same","topic":"orders","message":',
-        b'{"message":0,"action":"publish","topic":"orders","message":',
-        b'{ "action" : "publish" , "topic" : "orders" , "message" :',
+        [prefix + b'{"n":%d}}' % n for n in range(100)]
+        for prefix in (
+            b'{"action":"publish","topic":"orders","mode":"queue","message":',
+            b'{"topic":"audit","message":',
+            b'{"action":"publish","id":"same","topic":"orders","message":',
+            b'{"message":0,"action":"publish","topic":"orders","message":',
+            b'{ "action" : "publish" , "topic" : "orders" , "message" :',
+        )
+    ]
+    + [
+        [prefix + b'm-%d"}' % n for n in range(100)]
+        for prefix in (
+            b'{"message_id":"',
+            b'{"action":"ack","id":"r","message_id":"',
+            b'{"message_id":"x","action":"ack","message_id":"',
+        )
     ],
 )
-def test_any_valid_shape_reads_as_line_by_line(prefix: bytes) -> None:
-    lines = [prefix + b'{"n":%d}}' % n for n in range(100)]
+def test_any_valid_shape_reads_as_line_by_line(lines: list[bytes]) -> None:
     assert RequestReader().feed(b"\n".join(lines) + b"\n") == one_at_a_time(lines)
 
 
-@pytest.mark.parametrize("odd", NOT_CANONICAL, ids=range(len(NOT_CANONICAL)))
-@pytest.mark.parametrize("after", [SHAPED, []], ids=["between", "last"])
-def test_a_line_not_as_msg_writes_it_reads_as_line_by_line(odd: bytes, after: list[bytes]) -> None:
-    lines = [*SHAPED, odd, *after]
+ODD_AMONG_SHAPED = [(SHAPED, odd) for odd in NOT_CANONICAL] + [
+    (SHAPED_ACKS, odd) for odd in NOT_CANONICAL_ACKS
+]
+
+
+@pytest.mark.parametrize(("shaped", "odd"), ODD_AMONG_SHAPED, ids=range(len(ODD_AMONG_SHAPED)))
+@pytest.mark.parametrize("last", [False, True], ids=["between", "last"])
+def test_a_line_not_as_msg_writes_it_reads_as_line_by_line(
+    shaped: list[bytes], odd: bytes, last: bool
+) -> None:
+    lines = [*shaped, odd, *([] if last else shaped)]
     assert RequestReader().feed(b"\n".join(lines) + b"\n") == one_at_a_time(lines)
 
 
@@ -281,34 +300,6 @@ def test_an_overlong_shaped_line_is_an_error_in_its_place() -> None:
     long = PREFIX + b'"' + b"x" * 200 + b'"}'
     frames = reader.feed(b"\n".join([short] * 30 + [long] + [short] * 30) + b"\n")
     assert [type(f) for f in frames] == [Publish] * 30 + [RequestError] + [Publish] * 30
-
-
-def test_a_read_of_shaped_acks_is_one_batch_read_as_line_by_line() -> None:
-    lines = SHAPED_ACKS * 50
-    batches = RequestReader().feed_batches(b"\n".join(lines) + b"\n")
-    assert len(batches) == 1
-    assert isinstance(batches[0], Acks)
-    assert list(batches[0]) == one_at_a_time(lines)
-
-
-@pytest.mark.parametrize("odd", NOT_CANONICAL_ACKS, ids=range(len(NOT_CANONICAL_ACKS)))
-@pytest.mark.parametrize("after", [SHAPED_ACKS, []], ids=["between", "last"])
-def test_an_ack_not_as_msg_writes_it_reads_as_line_by_line(odd: bytes, after: list[bytes]) -> None:
-    lines = [*SHAPED_ACKS, odd, *after]
-    assert RequestReader().feed(b"\n".join(lines) + b"\n") == one_at_a_time(lines)
-
-
-@pytest.mark.parametrize(
-    "prefix",
-    [
-        b'{"message_id":"',
-        b'{"action":"ack","id":"r","message_id":"',
-        b'{"message_id":"x","action":"ack","message_id":"',
-    ],
-)
-def test_any_valid_ack_shape_reads_as_line_by_line(prefix: bytes) -> None:
-    lines = [prefix + b'm-%d"}' % n for n in range(100)]
-    assert RequestReader().feed(b"\n".join(lines) + b"\n") == one_at_a_time(lines)
 
 
 @pytest.mark.parametrize("line", SHAPED + SHAPED_ACKS + NOT_CANONICAL + NOT_CANONICAL_ACKS + ODD)
