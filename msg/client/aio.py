@@ -689,7 +689,9 @@ class Client:
             raise StaleMessageError(message.message_id)
         replies = await self._exchange(
             lambda ids: [
-                encode_request(action, id=ids[0], message_id=message.message_id, **fields)
+                # The id last: a run of acks then differs only in its last values,
+                # which the broker reads fastest (docs/protocol.md).
+                encode_request(action, message_id=message.message_id, **fields, id=ids[0])
             ],
             1,
             settling=message,
@@ -979,10 +981,14 @@ class Client:
 
 
 def _publish_line(rid: int, topic: str, message: Any, queue: bool) -> bytes:
-    # Not encode_request: it leaves out None-valued fields, and null is a message.
-    request: dict[str, Any] = {"action": "publish", "id": rid, "topic": topic, "message": message}
+    # Not encode_request: it leaves out None-valued fields, and null is a message. The
+    # message and the id last: a run of publishes then differs only in its last values,
+    # which the broker reads fastest (docs/protocol.md).
+    request: dict[str, Any] = {"action": "publish", "topic": topic}
     if queue:
         request["mode"] = "queue"
+    request["message"] = message
+    request["id"] = rid
     return jsonlib.dumps(request) + b"\n"
 
 

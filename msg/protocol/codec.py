@@ -13,7 +13,8 @@ two steps:
    into a :class:`~msg.protocol.frames.RequestError` naming what was wrong.
 
 A publisher's reads are hundreds of lines that differ only in their message, and a
-consumer's hundreds of acks that differ only in the message id. So the reader first
+consumer's hundreds of acks that differ only in the message id (and, from msg's own
+client, in the request id after it). So the reader first
 tries the whole read as such a block (see :meth:`RequestReader._block`): cut apart by
 one split on the text the lines share, with what differs checked all together. It
 takes a block only when every line is exactly what msg itself would write for the
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Set
 from itertools import repeat
+from operator import itemgetter
 from typing import Any, Final, cast
 
 from msg.jsonlib import DecodeError, EncodeError, dumps, loads
@@ -299,16 +301,17 @@ class RequestReader:
         return out
 
     def _block(self, block: bytes) -> Publishes | Acks | None:
-        """The block as one batch if its lines are all alike but for one value, each
-        line written exactly as msg would write it; else None (the block is then read
-        line by line).
+        """The block as one batch if its lines are all alike but for their last
+        values, each line written exactly as msg would write it; else None (the block
+        is then read line by line, and the next read shows its own shape).
 
         A publisher's lines differ only in the message (``{"action":"publish",
         "topic":"t","message":`` + message + ``}``), a consumer's acks only in the
-        message id. Once a line has shown that *shape* (the text before the value,
-        checked by the full parser), a block of such lines is cut into its values by
-        one ``split`` on what lies between one value and the next, and the values are
-        checked all together (see :class:`_PublishShape` and :class:`_AckShape`). So
+        message id; either may end in a request id too. Once a line has shown that
+        *shape* (the text before the value, checked by the full parser), a block of
+        such lines is cut into its values by one ``split`` on what lies between one
+        line's values and the next one's, and the values are checked all together
+        (see :class:`_PublishShape` and :class:`_AckShape`). So
         every line accepted here is the canonical form of a request the full parser
         accepts, read exactly as it would read it; anything else (another shape, a
         value spelt another way, a blank line, bad JSON) goes line by line.
@@ -319,7 +322,10 @@ class RequestReader:
             shape = self._shape = _shape_of(block if first < 0 else block[:first])
             if shape is None:
                 return None
-        return shape.cut(block, self.max_line_bytes)
+        batch = shape.cut(block, self.max_line_bytes)
+        if batch is None:
+            self._shape = None  # the next read shows its own shape
+        return batch
 
     def _frames(self, lines: list[bytes | LineTooLong], decoded: Iterable[Any]) -> list[Batch]:
         """Line by line: each line's frame, runs of publishes and acks as batches.
@@ -416,36 +422,45 @@ class RequestReader:
 
 
 class _PublishShape:
-    """What a client's publish lines share: all their text before the message."""
+    """What a client's publish lines share: all their text before the message, and
+    whether each ends in a request id after the message."""
 
-    __slots__ = ("mode", "prefix", "separator", "topic")
+    __slots__ = ("ids", "mode", "prefix", "separator", "topic")
 
-    def __init__(self, prefix: bytes, request: Publish) -> None:
+    def __init__(self, prefix: bytes, request: Publish, ids: bool) -> None:
         self.prefix = prefix
         """The line up to and including ``"message":``."""
         self.separator = b"}\n" + prefix
-        """What lies between one message and the next in a block of such lines."""
+        """What lies between one line's last value and the next one's message."""
+        self.ids = ids
+        """Each line is prefix + message + ``,"id":`` + id + ``}``."""
         self.topic = request.topic
         self.mode = request.mode
 
     @classmethod
-    def of(cls, line: bytes) -> _PublishShape | None:
-        """The shape of ``line`` if it is a valid publish with its message last."""
-        found = _read_with(line, b'"message":', b"0}")
+    def of(cls, line: bytes, ids: bool) -> _PublishShape | None:
+        """The shape of ``line`` if it is a valid publish with its message last (but
+        for its request id, if ``ids``)."""
+        found = _read_with(line, b'"message":', b'0,"id":0}' if ids else b"0}")
         if found is None:
             return None
         prefix, request = found
-        if type(request) is not Publish or request.payload != b"0" or request.id is not None:
+        if (
+            type(request) is not Publish
+            or request.payload != b"0"
+            or request.id != _placeholder_id(ids)
+        ):
             return None
-        return cls(prefix, request)
+        return cls(prefix, request, ids)
 
     def cut(self, block: bytes, max_line_bytes: int) -> Publishes | None:
-        """The publishes of ``block``, if every line is this shape + a message + ``}``.
+        """The publishes of ``block``, if every line is this shape + a message
+        (+ ``,"id":`` + id) + ``}``.
 
         The messages are decoded as one JSON array, and each must be exactly what
         encoding its value gives back: so none is spelt another way, and none began
         or ended in another line (a line that does not start with the shape leaves a
-        newline in a message, which no encoding writes).
+        newline in a message, which no encoding writes). Ids likewise (_split_ids).
         """
         if not block.endswith(b"}"):
             return None
@@ -455,6 +470,14 @@ class _PublishShape:
             and max(map(len, messages)) + len(self.prefix) + 1 > max_line_bytes
         ):
             return None
+        rids: list[JsonScalar]
+        if self.ids:
+            split = _split_ids(messages, b',"id":')
+            if split is None:
+                return None
+            messages, rids = split
+        else:
+            rids = [None] * len(messages)
         try:
             values = loads(b"[" + b",".join(messages) + b"]")
             if len(values) != len(messages) or not all(
@@ -464,56 +487,109 @@ class _PublishShape:
         except (DecodeError, EncodeError, RecursionError):
             return None
         count = len(messages)
-        return Publishes([self.topic] * count, messages, [self.mode] * count, [None] * count)
+        return Publishes([self.topic] * count, messages, [self.mode] * count, rids)
 
 
 class _AckShape:
-    """What a consumer's ack lines share: all their text before the message id."""
+    """What a consumer's ack lines share: all their text before the message id, and
+    whether each ends in a request id after it."""
 
-    __slots__ = ("prefix", "separator")
+    __slots__ = ("ids", "prefix", "separator")
 
-    def __init__(self, prefix: bytes) -> None:
+    def __init__(self, prefix: bytes, ids: bool) -> None:
         self.prefix = prefix
         """The line up to and including ``"message_id":"``."""
-        self.separator = '"}\n' + prefix.decode("ascii")
+        self.ids = ids
+        """Each line is prefix + message id + ``","id":`` + id + ``}``."""
+        self.separator = (b"}\n" if ids else b'"}\n') + prefix
 
     @classmethod
-    def of(cls, line: bytes) -> _AckShape | None:
-        """The shape of ``line`` if it is a valid ack with its message id last."""
-        found = _read_with(line, b'"message_id":"', b'x"}')
+    def of(cls, line: bytes, ids: bool) -> _AckShape | None:
+        """The shape of ``line`` if it is a valid ack with its message id last (but
+        for its request id, if ``ids``)."""
+        found = _read_with(line, b'"message_id":"', b'x","id":0}' if ids else b'x"}')
         if found is None:
             return None
         prefix, request = found
         if (
             type(request) is not Ack
             or request.message_id != "x"
-            or request.id is not None
+            or request.id != _placeholder_id(ids)
             or not prefix.isascii()
         ):
             return None
-        return cls(prefix)
+        return cls(prefix, ids)
 
     def cut(self, block: bytes, max_line_bytes: int) -> Acks | None:
-        """The acks of ``block``, if every line is this shape + an id + ``"}``.
+        """The acks of ``block``, if every line is this shape + a message id
+        (+ ``","id":`` + id) + ``"}``.
 
-        Each id must be what the line-by-line path accepts (1 to 128 ASCII letters,
-        digits and dashes, not dashes only); such an id needs no escaping, and holds
-        no quote or newline, so it cannot have run into another line.
+        Each message id must be what the line-by-line path accepts (1 to 128 ASCII
+        letters, digits and dashes, not dashes only); such an id needs no escaping,
+        and holds no quote or newline, so it cannot have run into another line.
         """
-        if not block.endswith(b'"}') or len(block) > max_line_bytes:
+        end = b"}" if self.ids else b'"}'
+        if not block.endswith(end) or len(block) > max_line_bytes:
             return None
+        pieces = block[len(self.prefix) : -len(end)].split(self.separator)
+        rids: list[JsonScalar]
+        if self.ids:
+            split = _split_ids(pieces, b'","id":')
+            if split is None:
+                return None
+            pieces, rids = split
+        else:
+            rids = [None] * len(pieces)
         try:
-            message_ids = block[len(self.prefix) : -2].decode("ascii").split(self.separator)
+            message_ids = b"\n".join(pieces).decode("ascii").split("\n")
         except UnicodeDecodeError:
             return None
         lengths = list(map(len, message_ids))
+        if len(lengths) != len(pieces):
+            return None
         if min(lengths) < 1 or max(lengths) > _MAX_MESSAGE_ID_CHARS:
             return None
         if not "".join(message_ids).replace("-", "").isalnum():
             return None
         if not all(map(str.strip, message_ids, repeat("-"))):
             return None
-        return Acks(message_ids, [None] * len(message_ids))
+        return Acks(message_ids, rids)
+
+
+def _placeholder_id(ids: bool) -> int | None:
+    """The request id a shape's placeholder line carries."""
+    return 0 if ids else None
+
+
+def _split_ids(pieces: list[bytes], marker: bytes) -> tuple[list[bytes], list[JsonScalar]] | None:
+    """Each piece cut at its last ``marker`` into the value before it and the request
+    id after it, if every piece has one and every id is a JSON scalar written exactly
+    as encoding it gives back; else None.
+
+    An id written that way holds no ``marker`` (a string's quotes are escaped), so the
+    last one is the line's own.
+    """
+    parts = list(map(bytes.rpartition, pieces, repeat(marker)))
+    if list(map(_MIDDLE, parts)).count(marker) != len(parts):
+        return None
+    raw = list(map(_LAST, parts))
+    try:
+        rids = loads(b"[" + b",".join(raw) + b"]")
+        if (
+            len(rids) != len(raw)
+            or not set(map(type, rids)) <= _ID_TYPES
+            or not all(map(bytes.__eq__, raw, map(dumps, rids)))
+        ):
+            return None
+    except (DecodeError, EncodeError, RecursionError):
+        return None
+    return list(map(_FIRST, parts)), rids
+
+
+_FIRST: Final = itemgetter(0)
+_MIDDLE: Final = itemgetter(1)
+_LAST: Final = itemgetter(2)
+_ID_TYPES: Final = {str, int, float, bool}
 
 
 def _read_with(
@@ -540,11 +616,16 @@ def _read_with(
 
 def _shape_of(line: bytes) -> _PublishShape | _AckShape | None:
     """The shape of ``line``, if it is an ack or a publish that has one."""
-    if b'"message_id":"' in line:
-        shape = _AckShape.of(line)
-        if shape is not None:
-            return shape
-    return _PublishShape.of(line)
+    try:
+        request = loads(line)
+    except (DecodeError, RecursionError):
+        return None
+    if type(request) is not dict:
+        return None
+    ids = request.get("id") is not None
+    if request.get("action") == "ack":
+        return _AckShape.of(line, ids)
+    return _PublishShape.of(line, ids)
 
 
 # Stands for a line not decoded yet (JSON null decodes to None, so None cannot).

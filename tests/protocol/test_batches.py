@@ -196,7 +196,7 @@ SPLICED = [
 
 
 ACK_PREFIX = b'{"action":"ack","message_id":"'
-TWO_OBJECTS = [SPLICED[2], ACK_PREFIX + b'm"}' + ACK_PREFIX + b'n"}']
+TWO_OBJECTS = [SPLICED[1], SPLICED[2], ACK_PREFIX + b'm"}' + ACK_PREFIX + b'n"}']
 SHAPED_ACKS = [ACK_PREFIX + message_id + b'"}' for message_id in (b"m-1", b"abc0def-17", b"Z")]
 
 NOT_CANONICAL_ACKS = [
@@ -206,10 +206,40 @@ NOT_CANONICAL_ACKS = [
     b'{"action":"ack","message_id":"m-1"}\r',
     b'{"action":"ack","message_id":"m-1","id":2}',
     ACK_PREFIX + b'm-1", "id": 3}',
-    *TWO_OBJECTS[1:],
+    *TWO_OBJECTS[2:],
     ACK_PREFIX + b'm\xc3\xa9"}',
     ACK_PREFIX + b"m-12",
     *ODD_ACKS,
+]
+
+# The same with a request id after the value, as msg's own client writes its lines.
+SHAPED_WITH_IDS = [
+    line[:-1] + b',"id":' + rid + b"}"
+    for line, rid in zip(
+        SHAPED, [b"1", b'"r-1"', b"2.5", b"true", b"-7", b"9", b"0", b'"x"'], strict=True
+    )
+] + [PREFIX + b'{"a":1,"id":2},"id":3}']
+SHAPED_ACKS_WITH_IDS = [
+    ACK_PREFIX + b'm-1","id":1}',
+    ACK_PREFIX + b'Z","id":"r-2"}',
+    ACK_PREFIX + b'abc0def-17","id":false}',
+]
+NOT_CANONICAL_IDS = [
+    PREFIX + b'1,"id": 5}',
+    PREFIX + b'1,"id":05}',
+    PREFIX + b'1,"id":null}',
+    PREFIX + b'1,"id":[1]}',
+    PREFIX + b'1,"id":1.0E2}',
+    PREFIX + b'1,"id":"\\u0041"}',
+    PREFIX + b'1,"id":5,"mode":"queue"}',
+    PREFIX + b'1,"id":18446744073709551616}',
+    PREFIX + b"1}",
+    PREFIX + b'1,"id":5',
+    PREFIX + b'1 ,"id":5}',
+    ACK_PREFIX + b'm-1","id": 1}',
+    ACK_PREFIX + b'm-1","id":{}}',
+    ACK_PREFIX + b'm-1"}',
+    ACK_PREFIX + b'm 1","id":1}',
 ]
 
 
@@ -227,7 +257,15 @@ def fed_in_pieces(lines: list[bytes], seed: int) -> list[Request | RequestError]
     return frames
 
 
-@pytest.mark.parametrize(("lines", "kind"), [(SHAPED, Publishes), (SHAPED_ACKS, Acks)])
+@pytest.mark.parametrize(
+    ("lines", "kind"),
+    [
+        (SHAPED, Publishes),
+        (SHAPED_ACKS, Acks),
+        (SHAPED_WITH_IDS, Publishes),
+        (SHAPED_ACKS_WITH_IDS, Acks),
+    ],
+)
 def test_a_read_of_shaped_lines_is_one_batch_read_as_line_by_line(
     lines: list[bytes], kind: type[Publishes | Acks]
 ) -> None:
@@ -262,9 +300,12 @@ def test_any_valid_shape_reads_as_line_by_line(lines: list[bytes]) -> None:
     assert RequestReader().feed(b"\n".join(lines) + b"\n") == one_at_a_time(lines)
 
 
-ODD_AMONG_SHAPED = [(SHAPED, odd) for odd in NOT_CANONICAL] + [
-    (SHAPED_ACKS, odd) for odd in NOT_CANONICAL_ACKS
-]
+ODD_AMONG_SHAPED = (
+    [(SHAPED, odd) for odd in NOT_CANONICAL]
+    + [(SHAPED_ACKS, odd) for odd in NOT_CANONICAL_ACKS]
+    + [(SHAPED_WITH_IDS, odd) for odd in NOT_CANONICAL_IDS]
+    + [(SHAPED_ACKS_WITH_IDS, odd) for odd in NOT_CANONICAL_IDS]
+)
 
 
 @pytest.mark.parametrize(("shaped", "odd"), ODD_AMONG_SHAPED, ids=range(len(ODD_AMONG_SHAPED)))
@@ -276,16 +317,24 @@ def test_a_line_not_as_msg_writes_it_reads_as_line_by_line(
     assert RequestReader().feed(b"\n".join(lines) + b"\n") == one_at_a_time(lines)
 
 
-def test_lines_invalid_alone_are_not_joined_into_valid_ones() -> None:
-    lines = [*SHAPED, *SPLICED, *SHAPED]
+# Request ids that make valid scalars only when joined: "a,b", 3, 4.
+SPLICED_IDS = [PREFIX + b'1,"id":"a}', PREFIX + b'2,"id":b"}', PREFIX + b'3,"id":3,4}']
+
+
+@pytest.mark.parametrize(("shaped", "spliced"), [(SHAPED, SPLICED), (SHAPED_WITH_IDS, SPLICED_IDS)])
+def test_lines_invalid_alone_are_not_joined_into_valid_ones(
+    shaped: list[bytes], spliced: list[bytes]
+) -> None:
+    lines = [*shaped, *spliced, *shaped]
     frames = RequestReader().feed(b"\n".join(lines) + b"\n")
     assert frames == one_at_a_time(lines)
-    assert [type(f) for f in frames[len(SHAPED) : -len(SHAPED)]] == [RequestError] * 3
+    assert [type(f) for f in frames[len(shaped) : -len(shaped)]] == [RequestError] * 3
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_reads_cut_anywhere_read_as_line_by_line(seed: int) -> None:
-    pool = SHAPED * 6 + SHAPED_ACKS * 6 + NOT_CANONICAL + NOT_CANONICAL_ACKS + SPLICED + ODD
+    pool = SHAPED * 6 + SHAPED_ACKS * 6 + SHAPED_WITH_IDS * 6 + SHAPED_ACKS_WITH_IDS * 6
+    pool += NOT_CANONICAL + NOT_CANONICAL_ACKS + NOT_CANONICAL_IDS + SPLICED + ODD
     # Not a line that starts with a whole object and goes on: a read cut right after
     # that object takes it as a request (the codec's concession to clients that send
     # no newline), which is what it would be were the rest not sent.
@@ -302,7 +351,17 @@ def test_an_overlong_shaped_line_is_an_error_in_its_place() -> None:
     assert [type(f) for f in frames] == [Publish] * 30 + [RequestError] + [Publish] * 30
 
 
-@pytest.mark.parametrize("line", SHAPED + SHAPED_ACKS + NOT_CANONICAL + NOT_CANONICAL_ACKS + ODD)
+@pytest.mark.parametrize(
+    "line",
+    SHAPED
+    + SHAPED_ACKS
+    + SHAPED_WITH_IDS
+    + SHAPED_ACKS_WITH_IDS
+    + NOT_CANONICAL
+    + NOT_CANONICAL_ACKS
+    + NOT_CANONICAL_IDS
+    + ODD,
+)
 def test_a_read_of_one_line_reads_as_line_by_line(line: bytes) -> None:
     reader = RequestReader()
     for _ in range(3):  # the first read of a shape, and reads after it
