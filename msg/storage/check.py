@@ -33,7 +33,8 @@ starts without a warning, and no good record is lost:
   repaired file in place, never neither.
 
 - an unfinished log directory is deleted, and a torn ``meta.json`` rebuilt from the
-  directory's name (the torn one kept aside), as the broker would.
+  directory's name (the torn one kept aside), as the broker would; the rebuilt log's
+  files are then checked and repaired in the same pass.
 
 Any other bad ``meta.json`` (a newer format, a hashed name) is only reported.
 
@@ -159,8 +160,12 @@ def check(
             meta = os.path.join(directory, _META)
             problem = _meta_problem(fs, meta, kind, os.path.basename(directory))
             if problem is not None:
-                report.findings.append(_bad_meta(fs, root, directory, problem, fix))
-                continue
+                finding = _bad_meta(fs, root, directory, problem, fix)
+                report.findings.append(finding)
+                if finding.problem is not Problem.BAD_META or finding.fixed is None:
+                    continue
+                # Rebuilt: its files are checked (and repaired) now, like any log's, so
+                # one --fix leaves nothing for the next check to find.
             files = _log_files(fs, directory)
             for k, path in enumerate(files):
                 last = k == len(files) - 1

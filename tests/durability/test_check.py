@@ -190,6 +190,23 @@ async def test_torn_meta_is_rebuilt_any_other_bad_meta_only_reported(tmp_path: P
     assert meta.read_bytes() == newer
 
 
+async def test_one_fix_repairs_a_torn_meta_and_the_torn_tail_after_it(tmp_path: Path) -> None:
+    # A crash can tear both a new log's meta.json and its last record: the rebuilt
+    # log's files are repaired in the same pass, so the next check finds nothing.
+    root = tmp_path / "data"
+    await make_data(root)
+    (root / "queues" / Q / "meta.json").write_bytes(b'{"v":1,"kin')
+    newest = logs_of(root, "queues", Q)[-1]
+    good = newest.read_bytes()
+    with newest.open("ab") as file:
+        file.write(b'{"op":"pub","seq":99,"id":"x')
+    report = check(root, fix=True)
+    assert sorted(f.problem for f in report.findings) == sorted([Problem.BAD_META, Problem.TORN])
+    assert not report.unfixed
+    assert check(root).clean
+    assert newest.read_bytes() == good
+
+
 async def test_refuses_a_directory_a_broker_is_using(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
