@@ -441,15 +441,11 @@ class _PublishShape:
     def of(cls, line: bytes, ids: bool) -> _PublishShape | None:
         """The shape of ``line`` if it is a valid publish with its message last (but
         for its request id, if ``ids``)."""
-        found = _read_with(line, b'"message":', b'0,"id":0}' if ids else b"0}")
+        found = _read_with(line, b'"message":', b"0", ids)
         if found is None:
             return None
         prefix, request = found
-        if (
-            type(request) is not Publish
-            or request.payload != b"0"
-            or request.id != _placeholder_id(ids)
-        ):
+        if type(request) is not Publish or request.payload != b"0":
             return None
         return cls(prefix, request, ids)
 
@@ -507,16 +503,11 @@ class _AckShape:
     def of(cls, line: bytes, ids: bool) -> _AckShape | None:
         """The shape of ``line`` if it is a valid ack with its message id last (but
         for its request id, if ``ids``)."""
-        found = _read_with(line, b'"message_id":"', b'x","id":0}' if ids else b'x"}')
+        found = _read_with(line, b'"message_id":"', b'x"', ids)
         if found is None:
             return None
         prefix, request = found
-        if (
-            type(request) is not Ack
-            or request.message_id != "x"
-            or request.id != _placeholder_id(ids)
-            or not prefix.isascii()
-        ):
+        if type(request) is not Ack or request.message_id != "x" or not prefix.isascii():
             return None
         return cls(prefix, ids)
 
@@ -541,12 +532,12 @@ class _AckShape:
         else:
             rids = [None] * len(pieces)
         try:
+            # (A newline in a piece would split it in two here, but then the isalnum()
+            # check below refuses the read.)
             message_ids = b"\n".join(pieces).decode("ascii").split("\n")
         except UnicodeDecodeError:
             return None
         lengths = list(map(len, message_ids))
-        if len(lengths) != len(pieces):
-            return None
         if min(lengths) < 1 or max(lengths) > _MAX_MESSAGE_ID_CHARS:
             return None
         if not "".join(message_ids).replace("-", "").isalnum():
@@ -554,11 +545,6 @@ class _AckShape:
         if not all(map(str.strip, message_ids, repeat("-"))):
             return None
         return Acks(message_ids, rids)
-
-
-def _placeholder_id(ids: bool) -> int | None:
-    """The request id a shape's placeholder line carries."""
-    return 0 if ids else None
 
 
 def _split_ids(pieces: list[bytes], marker: bytes) -> tuple[list[bytes], list[JsonScalar]] | None:
@@ -593,12 +579,13 @@ _ID_TYPES: Final = {str, int, float, bool}
 
 
 def _read_with(
-    line: bytes, field: bytes, value: bytes
+    line: bytes, field: bytes, value: bytes, ids: bool
 ) -> tuple[bytes, Request | RequestError] | None:
     """``line`` up to and including ``field``, and the request the full parser reads
-    from that text completed by ``value``; None if ``field`` is not in the line, the
-    text before it names a request id (lines with ids differ in more than their last
-    value), or the completed text is not JSON.
+    from that text completed by ``value`` (then ``,"id":0`` if ``ids``) and ``}``;
+    None if ``field`` is not in the line, the text before it names a request id (lines
+    with ids there differ in more than their last values), the completed text is not
+    JSON, or its request id is not the one completed.
 
     The completed text can only parse if the prefix ends where the value of the
     object's own ``field`` begins, so the parser says whether lines of this shape are
@@ -609,13 +596,18 @@ def _read_with(
         return None
     prefix = line[: end + len(field)]
     try:
-        return prefix, parse_request(loads(prefix + value))
+        request = parse_request(loads(prefix + value + (b',"id":0}' if ids else b"}")))
     except (DecodeError, RecursionError):
         return None
+    if request.id != (0 if ids else None):
+        return None
+    return prefix, request
 
 
 def _shape_of(line: bytes) -> _PublishShape | _AckShape | None:
     """The shape of ``line``, if it is an ack or a publish that has one."""
+    if b'"message' not in line:
+        return None  # no "message" or "message_id" field: not worth decoding
     try:
         request = loads(line)
     except (DecodeError, RecursionError):

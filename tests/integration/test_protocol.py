@@ -52,6 +52,21 @@ async def test_pubsub_fan_out_in_order(broker: BrokerProcess) -> None:
     await publisher.close()
 
 
+async def test_an_auto_ack_consumer_gets_more_than_its_prefetch(broker: BrokerProcess) -> None:
+    # With ack "auto" a delivery counts as taken once the socket took it: each write
+    # that went through must let the broker hand out more, or the consumer stalls at
+    # its prefetch.
+    consumer = await Raw.connect(broker.port)
+    assert (await consumer.request(subscribe("work", "queue", prefetch=2)))["type"] == "ack"
+    publisher = await Raw.connect(broker.port)
+    await publisher.send(*(publish("work", n, "queue") for n in range(50)))
+    await publisher.recv_n(50)
+    got = await consumer.recv_n(50)
+    assert [m["message"] for m in got] == list(range(50))
+    await consumer.close()
+    await publisher.close()
+
+
 async def test_queue_distributes_each_message_to_one_consumer(broker: BrokerProcess) -> None:
     consumers = [await Raw.connect(broker.port) for _ in range(4)]
     for c in consumers:
