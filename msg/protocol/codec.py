@@ -466,14 +466,10 @@ class _PublishShape:
             and max(map(len, messages)) + len(self.prefix) + 1 > max_line_bytes
         ):
             return None
-        rids: list[JsonScalar]
-        if self.ids:
-            split = _split_ids(messages, b',"id":')
-            if split is None:
-                return None
-            messages, rids = split
-        else:
-            rids = [None] * len(messages)
+        split = _split_ids(messages, b',"id":' if self.ids else None)
+        if split is None:
+            return None
+        messages, rids = split
         try:
             values = loads(b"[" + b",".join(messages) + b"]")
             if len(values) != len(messages) or not all(
@@ -523,14 +519,10 @@ class _AckShape:
         if not block.endswith(end) or len(block) > max_line_bytes:
             return None
         pieces = block[len(self.prefix) : -len(end)].split(self.separator)
-        rids: list[JsonScalar]
-        if self.ids:
-            split = _split_ids(pieces, b'","id":')
-            if split is None:
-                return None
-            pieces, rids = split
-        else:
-            rids = [None] * len(pieces)
+        split = _split_ids(pieces, b'","id":' if self.ids else None)
+        if split is None:
+            return None
+        pieces, rids = split
         try:
             # (A newline in a piece would split it in two here, but then the isalnum()
             # check below refuses the read.)
@@ -547,14 +539,19 @@ class _AckShape:
         return Acks(message_ids, rids)
 
 
-def _split_ids(pieces: list[bytes], marker: bytes) -> tuple[list[bytes], list[JsonScalar]] | None:
+def _split_ids(
+    pieces: list[bytes], marker: bytes | None
+) -> tuple[list[bytes], list[JsonScalar]] | None:
     """Each piece cut at its last ``marker`` into the value before it and the request
     id after it, if every piece has one and every id is a JSON scalar written exactly
-    as encoding it gives back; else None.
+    as encoding it gives back; else None. Without a marker (lines without request ids)
+    the pieces as they are, and no ids.
 
     An id written that way holds no ``marker`` (a string's quotes are escaped), so the
     last one is the line's own.
     """
+    if marker is None:
+        return pieces, [None] * len(pieces)
     parts = list(map(bytes.rpartition, pieces, repeat(marker)))
     if list(map(_MIDDLE, parts)).count(marker) != len(parts):
         return None
