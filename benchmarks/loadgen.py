@@ -39,6 +39,12 @@ carrying its send time; the subscriber (same process, same clock) records one-wa
 latency per message. The generator sleeps in epoll between messages, so its own
 wake-up time is in the figures, the same for every broker (``--spin`` polls instead:
 on a shared VM that pushes other processes onto the broker's core, which is worse).
+Send times come from a kernel timer (``--pacing timer``, Linux's timerfd, nanosecond
+resolution). An epoll timeout has millisecond resolution (``--pacing selector``): at
+1,000 msgs/s the generator then wakes up to a millisecond late, and catches up by
+sending two messages back to back, for about one message in five, in a pattern that
+depends on when the broker's replies wake it. The result records how late each send
+was against its schedule (``send_late_us``).
 ``backlog``: publish ``--messages`` to a queue with no consumer, then start the
 consumers and drain it: publish rate and drain rate.
 ``idle``: open ``--connections`` connections (steps of ``--levels``), each completing
@@ -61,6 +67,8 @@ moments: this process's from ``time.process_time()``, the broker's from
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -359,6 +367,64 @@ class Clock:
 # Workloads
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+def _timespec(seconds: float) -> _Timespec:
+    whole = int(seconds)
+    return _Timespec(whole, int((seconds - whole) * 1e9))
+
+
+class Ticker:
+    """A periodic kernel timer (Linux ``timerfd``) that the selector waits on.
+
+    It fires at ``start + k * interval`` on the monotonic clock (``time.monotonic``'s),
+    with the kernel's nanosecond resolution, so a paced sender wakes on time instead of
+    at the next whole millisecond of an epoll timeout.
+    """
+
+    _CLOCK_MONOTONIC = 1
+    _TFD_TIMER_ABSTIME = 1
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def start(cls, start: float, interval: float) -> Ticker | None:
+        """A ticker firing from ``start + interval`` on; None where there is no timerfd."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            create, settime = libc.timerfd_create, libc.timerfd_settime
+        except (OSError, AttributeError):
+            return None
+        fd = create(cls._CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            return None
+        spec = _Itimerspec(_timespec(interval), _timespec(start + interval))
+        if settime(fd, cls._TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def fired(self) -> None:
+        """Consume the expirations (the sender works out what is due from the clock)."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.fd, 8)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Loop:
     """The selector loop shared by the workloads."""
 
@@ -369,6 +435,9 @@ class Loop:
     def add(self, sock: socket.socket, owner: Publisher | Receiver) -> None:
         sock.setblocking(False)
         self.selector.register(sock, selectors.EVENT_READ, owner)
+
+    def add_ticker(self, ticker: Ticker) -> None:
+        self.selector.register(ticker, selectors.EVENT_READ, ticker)
 
     def want_write(self, owner: Publisher | Receiver) -> None:
         fd = owner.sock.fileno()
@@ -384,7 +453,10 @@ class Loop:
         """One select; True if any receiver read something."""
         received = False
         for key, mask in self.selector.select(timeout):
-            owner: Publisher | Receiver = key.data
+            owner: Publisher | Receiver | Ticker = key.data
+            if isinstance(owner, Ticker):
+                owner.fired()
+                continue
             if mask & selectors.EVENT_READ:
                 owner.readable()
                 received = received or isinstance(owner, Receiver)
@@ -396,7 +468,7 @@ class Loop:
     def close(self) -> None:
         for key in list(self.selector.get_map().values()):
             sock = key.fileobj
-            if isinstance(sock, socket.socket):
+            if isinstance(sock, socket.socket | Ticker):
                 sock.close()
         self.selector.close()
 
@@ -613,16 +685,24 @@ def run_latency(options: argparse.Namespace, driver: Driver) -> dict[str, Any]:
         system0, cpu0 = system_busy_seconds(cores), time.process_time()
         broker0 = proc_cpu_seconds(options.broker_pid) if options.broker_pid else None
         start = time.monotonic()
+        ticker = Ticker.start(start, interval) if options.pacing == "timer" else None
+        if ticker is not None:
+            loop.add_ticker(ticker)
         sent = 0
         status = "ok"
         last_change = start
         progress = 0
         encode = driver.encode_publish
         clock = time.monotonic_ns
+        start_ns = int(start * 1e9)
+        interval_ns = int(interval * 1e9)
+        late_ns: list[int] = []
         while True:
             now = time.monotonic()
             while sent < total and now >= start + sent * interval:
-                pending += encode(topic, stamped_payload(sent, clock(), size), sent, False)
+                stamp = clock()
+                late_ns.append(stamp - start_ns - sent * interval_ns)
+                pending += encode(topic, stamped_payload(sent, stamp, size), sent, False)
                 sent += 1
             if pending:
                 try:
@@ -646,6 +726,8 @@ def run_latency(options: argparse.Namespace, driver: Driver) -> dict[str, Any]:
                 break
             if options.spin:
                 wait = 0.0  # poll: no wake-up latency of our own in the figures
+            elif ticker is not None:
+                wait = 0.05  # the ticker wakes the loop at each send time
             else:
                 wait = start + sent * interval - time.monotonic() if sent < total else 0.05
             if loop.step(max(0.0, min(wait, 0.05))):
@@ -665,6 +747,8 @@ def run_latency(options: argparse.Namespace, driver: Driver) -> dict[str, Any]:
             "warmup_skipped": skip,
             "first_error": first_error(publisher, receivers),
             "latency": percentiles(samples),
+            "pacing": "timer" if ticker is not None else "selector",
+            "send_late_us": _lateness(late_ns[skip:]),
         }
         out.update(loss_and_duplicates(receivers, sent, shared=False))
         if (
@@ -683,6 +767,19 @@ def run_latency(options: argparse.Namespace, driver: Driver) -> dict[str, Any]:
         return out
     finally:
         loop.close()
+
+
+def _lateness(late_ns: list[int]) -> dict[str, float]:
+    """How late the sends were against their schedule, in microseconds."""
+    if not late_ns:
+        return {}
+    ordered = sorted(late_ns)
+    count = len(ordered)
+    return {
+        "p50": round(ordered[count // 2] / 1000, 1),
+        "p99": round(ordered[min(count - 1, int(0.99 * count))] / 1000, 1),
+        "max": round(ordered[-1] / 1000, 1),
+    }
 
 
 def run_backlog(options: argparse.Namespace, driver: Driver) -> dict[str, Any]:
@@ -823,6 +920,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="latency: poll sockets without sleeping (removes our wake-up time, but on a "
         "shared machine pushes other processes onto the broker's core)",
+    )
+    parser.add_argument(
+        "--pacing",
+        choices=["timer", "selector"],
+        default="timer",
+        help="latency: wake for each send by a kernel timer (timerfd, where there is one) "
+        "or by the selector's millisecond timeout",
     )
     parser.add_argument("--levels", default="1000,5000,10000", help="idle: connection counts")
     parser.add_argument("--warmup", type=float, default=0.5, help="seconds not timed")

@@ -61,6 +61,9 @@ GRACE: Final = 30.0
 MAX_FRAMES: Final = 3_000_000
 BUSY_PERCENT: Final = 20.0
 """Other processes' CPU on the broker's core (% of it) above which a run is disturbed."""
+LATE_SEND_US: Final = 250.0
+"""D: a generator whose sends were this late at p99 (a quarter of the interval) was
+itself held up, and the run's figures say more about the machine than the broker."""
 
 
 @dataclass(frozen=True)
@@ -491,6 +494,9 @@ def summarise(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
                 for q in ("p50_us", "p99_us", "p999_us", "max_us"):
                     cell[q] = _median([(x.get("latency") or {}).get(q) for x in res])
                 cell["cdf_us"] = (res[0].get("latency") or {}).get("cdf_us")
+                cell["send_late_p99_us"] = _median(
+                    [(x.get("send_late_us") or {}).get("p99") for x in res]
+                )
             else:
                 ok_rates = [x.get("rate") for r, x in zip(mine, res, strict=True) if r.ok]
                 cell["rate"] = _median(ok_rates)
@@ -746,6 +752,14 @@ def collect_notes(runs: list[Run]) -> list[str]:
                 f"{tag}: generator CPU {res['generator_cpu_percent']:.0f}%: "
                 "the figure may be client-bound"
             )
+        late = (res.get("send_late_us") or {}).get("p99")
+        if run.job.workload == "D" and res.get("pacing") == "selector":
+            notes.append(
+                f"{tag}: no kernel timer here: sends paced by epoll's millisecond timeout "
+                f"(p99 {late} us late), so some go in pairs"
+            )
+        elif run.job.workload == "D" and late is not None and late > LATE_SEND_US:
+            notes.append(f"{tag}: the generator sent late (p99 {late:.0f} us): figure disturbed")
         own = run.job.target.server in ("msg", "relay")  # peers' logs stay in the JSON
         for line in (run.server.get("problems") or [])[:2] if own else []:
             notes.append(f"{tag}: broker log: {line[:200]}")
