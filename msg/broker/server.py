@@ -10,8 +10,9 @@ does only what the router cannot: IO. Its loop is event-driven, not polled:
 2. The flush runs after every read of the iteration: it starts the store calls the
    router asked for (in order, one task per batch), writes each connection that has
    output (one write each), and closes what the router wants closed.
-3. When a store call finishes, its result goes back to the router, and another flush
-   is asked for.
+3. When a store call finishes, its result goes back to the router, and what it
+   answered is flushed: at once if no other store call is in flight, else by one
+   flush after the iteration, shared with the calls finishing in it.
 
 So the hot path is: many reads -> one router pass each -> one flush -> one append
 call (one group commit) -> one write per connection.
@@ -394,7 +395,13 @@ class Server:
                 call.done(result)
             except Exception:
                 log.exception("internal error handling the result of store call %s", call.name)
-        self.schedule_flush()
+        if len(self._tasks) == 1:
+            # The only store call in flight (this one): nothing else will finish in
+            # this iteration to share a flush with, so the replies go out now instead
+            # of one more trip through the loop later.
+            self._flush()
+        else:
+            self.schedule_flush()
 
     async def _tick(self) -> None:
         while True:

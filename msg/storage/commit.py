@@ -62,6 +62,7 @@ once and rounds happen only when the store asks (:meth:`sync_now`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -121,7 +122,8 @@ class GroupCommit:
         self._dirty_paths: dict[str, None] = {}
         self._dirty_dirs: dict[str, None] = {}
         self._waiters: deque[tuple[int, Callback]] = deque()
-        self._round: asyncio.Future[tuple[list[str], list[str]]] | None = None
+        self._round: asyncio.Future[None] | None = None
+        """Done when the running sync round has ended (what :meth:`drain` waits for)."""
         self._busy: frozenset[int] = frozenset()
         self._closing: set[int] = set()
         self._exhausted = 0
@@ -290,11 +292,30 @@ class GroupCommit:
             fds = [fd for fd in self._closing if fd in dirty]
             dirty.difference_update(fds)
             paths, dirs = [], []
+        round_ = self._loop.create_future()
+        self._executor.submit(self._run_round, fds, paths, dirs, self._written, full)
         self._busy = frozenset(fds)
-        target = self._written
-        round_ = self._loop.run_in_executor(self._executor, self._sync, fds, paths, dirs)
         self._round = round_
-        round_.add_done_callback(lambda done: self._finished(done, target, full))
+
+    def _run_round(
+        self, fds: list[int], paths: list[str], dirs: list[str], target: int, full: bool
+    ) -> None:
+        """Runs on the storage thread: one round, whose end it hands to the loop thread.
+
+        The end is one ``call_soon_threadsafe`` straight to :meth:`_finished` rather
+        than an asyncio future with a done callback, which would take two trips
+        through the loop: at low rates each trip is time a publisher waits for its ack,
+        and that the next message may find the loop busy with.
+        """
+        missed: tuple[list[str], list[str]] = ([], [])
+        raised: BaseException | None = None
+        try:
+            missed = self._sync(fds, paths, dirs)
+        except BaseException as exc:  # judged on the loop thread, in _finished
+            raised = exc
+        # RuntimeError: the loop is closed, and nobody is left waiting.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._finished, missed, raised, target, full)
 
     def _sync(
         self, fds: list[int], paths: list[str], dirs: list[str]
@@ -357,24 +378,24 @@ class GroupCommit:
             raise errors[0]
 
     def _finished(
-        self, done: asyncio.Future[tuple[list[str], list[str]]], target: int, full: bool
+        self,
+        missed: tuple[list[str], list[str]],
+        raised: BaseException | None,
+        target: int,
+        full: bool,
     ) -> None:
+        round_ = self._round
         self._round = None
         self._busy = frozenset()
+        if round_ is not None and not round_.done():
+            round_.set_result(None)
         error: OSError | None = None
-        missed: tuple[list[str], list[str]] = ([], [])
-        if done.cancelled():
-            error = OSError("sync round cancelled")
-        else:
-            raised = done.exception()
-            if isinstance(raised, OSError):
-                error = raised
-            elif raised is not None:
-                # A bug, not a disk fault; still nothing written can be vouched for.
-                logger.error("sync round failed unexpectedly", exc_info=raised)
-                error = OSError(f"sync failed: {raised!r}")
-            else:
-                missed = done.result()
+        if isinstance(raised, OSError):
+            error = raised
+        elif raised is not None:
+            # A bug, not a disk fault; still nothing written can be vouched for.
+            logger.error("sync round failed unexpectedly", exc_info=raised)
+            error = OSError(f"sync failed: {raised!r}")
         if error is not None and self.failure is None:
             self.failure = error
             self._on_failure(error)

@@ -1,0 +1,105 @@
+"""Group commit's sync rounds, on real files and a real storage thread.
+
+- Under ``always`` a waiter is told only once a round that began after its write has
+  synced it; writes made while a round runs wait for the next one, and waiters are
+  told in the order they asked. ``drain`` returns when the last round has ended.
+- A round that raises something other than an OSError (a bug) still ends: every
+  waiter gets an error, the failure is final and reported once, and ``drain`` does
+  not hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from msg.persistence import FsyncPolicy
+from msg.storage.commit import GroupCommit
+from msg.storage.fs import FileSystem
+
+
+class GatedFS(FileSystem):
+    """The real file system, whose fsyncs wait for ``gate`` and are noted."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.synced: list[int] = []
+
+    def sync(self, fd: int) -> None:
+        assert self.gate.wait(30), "the test never opened the gate"
+        super().sync(fd)
+        self.synced.append(fd)
+
+
+class BuggyFS(FileSystem):
+    """The real file system, but a sync raises what no disk fault raises."""
+
+    def sync(self, fd: int) -> None:
+        raise RuntimeError("a bug in the sync")
+
+
+async def test_waiters_are_told_in_order_once_a_later_round_synced_their_writes(
+    tmp_path: Path,
+) -> None:
+    fs = GatedFS()
+    failures: list[OSError] = []
+    told: list[tuple[str, OSError | None]] = []
+    with ThreadPoolExecutor(1) as executor:
+        commit = GroupCommit(
+            fs, FsyncPolicy.ALWAYS, asyncio.get_running_loop(), executor, failures.append
+        )
+        fd = fs.open(str(tmp_path / "00000000000000000000.log"))
+        fs.pwrite(fd, b"first\n", 0)
+        commit.wrote(fd)
+        commit.after_durable(lambda error: told.append(("first", error)))
+        # The first round is running (held at its fsync): this write is not in it.
+        fs.pwrite(fd, b"second\n", 6)
+        commit.wrote(fd)
+        commit.after_durable(lambda error: told.append(("second", error)))
+        assert told == []
+        assert commit.dirty
+        fs.gate.set()
+        await commit.drain()
+        assert told == [("first", None), ("second", None)]
+        assert fs.synced == [fd, fd]  # two rounds: the second write needed its own
+        assert not commit.dirty
+        assert failures == []
+        fs.close(fd)
+        commit.close_all()
+
+
+async def test_a_round_that_raises_a_bug_fails_every_waiter_and_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fs = BuggyFS()
+    failures: list[OSError] = []
+    told: list[OSError | None] = []
+    with ThreadPoolExecutor(1) as executor:
+        commit = GroupCommit(
+            fs, FsyncPolicy.ALWAYS, asyncio.get_running_loop(), executor, failures.append
+        )
+        fd = fs.open(str(tmp_path / "00000000000000000000.log"))
+        fs.pwrite(fd, b"record\n", 0)
+        commit.wrote(fd)
+        with caplog.at_level(logging.ERROR, logger="msg.storage.commit"):
+            commit.after_durable(told.append)
+            commit.after_durable(told.append)
+            await commit.drain()
+        assert len(told) == 2
+        for error in told:
+            assert isinstance(error, OSError)
+            assert "a bug in the sync" in str(error)
+        assert len(failures) == 1
+        assert commit.failure is failures[0]
+        assert "sync round failed unexpectedly" in caplog.text
+        # Final: a later waiter is told at once, and no round starts.
+        commit.after_durable(told.append)
+        assert told[-1] is commit.failure
+        assert commit._round is None  # white box: nothing is left running
+        fs.close(fd)
+        commit.close_all()
