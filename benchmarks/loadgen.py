@@ -748,7 +748,9 @@ def run_latency(options: argparse.Namespace, driver: Driver) -> dict[str, Any]:
             "first_error": first_error(publisher, receivers),
             "latency": percentiles(samples),
             "pacing": "timer" if ticker is not None else "selector",
-            "send_late_us": _lateness(late_ns[skip:]),
+            "send_late_us": {
+                key: value for key, value in percentiles(late_ns[skip:]).items() if key != "cdf_us"
+            },
         }
         out.update(loss_and_duplicates(receivers, sent, shared=False))
         if (
@@ -767,19 +769,6 @@ def run_latency(options: argparse.Namespace, driver: Driver) -> dict[str, Any]:
         return out
     finally:
         loop.close()
-
-
-def _lateness(late_ns: list[int]) -> dict[str, float]:
-    """How late the sends were against their schedule, in microseconds."""
-    if not late_ns:
-        return {}
-    ordered = sorted(late_ns)
-    count = len(ordered)
-    return {
-        "p50": round(ordered[count // 2] / 1000, 1),
-        "p99": round(ordered[min(count - 1, int(0.99 * count))] / 1000, 1),
-        "max": round(ordered[-1] / 1000, 1),
-    }
 
 
 def run_backlog(options: argparse.Namespace, driver: Driver) -> dict[str, Any]:

@@ -495,7 +495,7 @@ def summarise(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
                     cell[q] = _median([(x.get("latency") or {}).get(q) for x in res])
                 cell["cdf_us"] = (res[0].get("latency") or {}).get("cdf_us")
                 cell["send_late_p99_us"] = _median(
-                    [(x.get("send_late_us") or {}).get("p99") for x in res]
+                    [(x.get("send_late_us") or {}).get("p99_us") for x in res]
                 )
             else:
                 ok_rates = [x.get("rate") for r, x in zip(mine, res, strict=True) if r.ok]
@@ -752,7 +752,7 @@ def collect_notes(runs: list[Run]) -> list[str]:
                 f"{tag}: generator CPU {res['generator_cpu_percent']:.0f}%: "
                 "the figure may be client-bound"
             )
-        late = (res.get("send_late_us") or {}).get("p99")
+        late = (res.get("send_late_us") or {}).get("p99_us")
         if run.job.workload == "D" and res.get("pacing") == "selector":
             notes.append(
                 f"{tag}: no kernel timer here: sends paced by epoll's millisecond timeout "
