@@ -330,15 +330,9 @@ class Server:
         self._flush_scheduled = False
         self._unflushed = 0
         router = self.router
-        read_only = self.store.writable()
-        if read_only is not self._read_only:
-            self._read_only = router.read_only = read_only
-            if read_only is not None:
-                log.error("storage refuses writes (%s): publishes are rejected", read_only.value)
-            else:
-                log.info("storage accepts writes again")
         # Writes first: a store call only starts running at the next loop iteration
-        # anyway, and a delivery should not wait for the tasks to be made.
+        # anyway, and a delivery should not wait for the tasks to be made (nor for the
+        # storage check below, which only concerns requests not yet read).
         connections = self._connections
         for session in router.take_dirty():
             connection = connections.get(session.id)
@@ -354,6 +348,13 @@ class Server:
                     "closing connection %d (%s): %s", connection.id, connection.peer, close.reason
                 )
                 connection.close()
+        read_only = self.store.writable()
+        if read_only is not self._read_only:
+            self._read_only = router.read_only = read_only
+            if read_only is not None:
+                log.error("storage refuses writes (%s): publishes are rejected", read_only.value)
+            else:
+                log.info("storage accepts writes again")
         if self._waiting:
             self._check_waiting()
 
