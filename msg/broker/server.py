@@ -7,9 +7,10 @@ does only what the router cannot: IO. Its loop is event-driven, not polled:
 
 1. A connection's ``data_received`` hands the requests of one read to the router and
    asks for a *flush* (one ``call_soon``, however many reads arrive in the iteration).
-2. The flush runs after every read of the iteration: it starts the store calls the
-   router asked for (in order, one task per batch), writes each connection that has
-   output (one write each), and closes what the router wants closed.
+2. The flush runs after every read of the iteration: it writes each connection that
+   has output (one write each), starts the store calls the router asked for (in
+   order, one task per batch), closes what the router wants closed, and then checks
+   whether storage still takes writes (which decides how later publishes are met).
 3. When a store call finishes, its result goes back to the router, and what it
    answered is flushed: at once if no other store call is in flight, else by one
    flush after the iteration, shared with the calls finishing in it.

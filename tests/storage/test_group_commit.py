@@ -43,6 +43,19 @@ class BuggyFS(FileSystem):
         raise RuntimeError("a bug in the sync")
 
 
+def _commit_with_one_write(
+    fs: FileSystem, executor: ThreadPoolExecutor, failures: list[OSError], tmp_path: Path
+) -> tuple[GroupCommit, int]:
+    """A group commit under ``always``, and a log with one record written, not synced."""
+    commit = GroupCommit(
+        fs, FsyncPolicy.ALWAYS, asyncio.get_running_loop(), executor, failures.append
+    )
+    fd = fs.open(str(tmp_path / "00000000000000000000.log"))
+    fs.pwrite(fd, b"first\n", 0)
+    commit.wrote(fd)
+    return commit, fd
+
+
 async def test_waiters_are_told_in_order_once_a_later_round_synced_their_writes(
     tmp_path: Path,
 ) -> None:
@@ -50,12 +63,7 @@ async def test_waiters_are_told_in_order_once_a_later_round_synced_their_writes(
     failures: list[OSError] = []
     told: list[tuple[str, OSError | None]] = []
     with ThreadPoolExecutor(1) as executor:
-        commit = GroupCommit(
-            fs, FsyncPolicy.ALWAYS, asyncio.get_running_loop(), executor, failures.append
-        )
-        fd = fs.open(str(tmp_path / "00000000000000000000.log"))
-        fs.pwrite(fd, b"first\n", 0)
-        commit.wrote(fd)
+        commit, fd = _commit_with_one_write(fs, executor, failures, tmp_path)
         commit.after_durable(lambda error: told.append(("first", error)))
         # The first round is running (held at its fsync): this write is not in it.
         fs.pwrite(fd, b"second\n", 6)
@@ -80,12 +88,7 @@ async def test_a_round_that_raises_a_bug_fails_every_waiter_and_ends(
     failures: list[OSError] = []
     told: list[OSError | None] = []
     with ThreadPoolExecutor(1) as executor:
-        commit = GroupCommit(
-            fs, FsyncPolicy.ALWAYS, asyncio.get_running_loop(), executor, failures.append
-        )
-        fd = fs.open(str(tmp_path / "00000000000000000000.log"))
-        fs.pwrite(fd, b"record\n", 0)
-        commit.wrote(fd)
+        commit, fd = _commit_with_one_write(fs, executor, failures, tmp_path)
         with caplog.at_level(logging.ERROR, logger="msg.storage.commit"):
             commit.after_durable(told.append)
             commit.after_durable(told.append)
