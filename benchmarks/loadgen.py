@@ -71,6 +71,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import secrets
 import selectors
@@ -376,8 +377,10 @@ class _Itimerspec(ctypes.Structure):
 
 
 def _timespec(seconds: float) -> _Timespec:
-    whole = int(seconds)
-    return _Timespec(whole, int((seconds - whole) * 1e9))
+    # Rounded up: a tick must never come before the send time it is for, or the sender
+    # would find nothing due and wait for the next tick.
+    nanoseconds = math.ceil(seconds * 1e9)
+    return _Timespec(nanoseconds // 1_000_000_000, nanoseconds % 1_000_000_000)
 
 
 class Ticker:
