@@ -210,19 +210,11 @@ def main() -> None:
             )
         )
         return
-    # The loop the broker's command line would pick (uvloop unless MSG_LOOP=asyncio),
-    # chosen here rather than by msg.cli's helper: --tree may point to any commit's msg.
-    loop_factory = None
-    if os.environ.get("MSG_LOOP", "").lower() != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        result = runner.run(run(options.workload, options.reads, options.per_read, options.fsync))
-    print(json.dumps(result))
+    # On the loop the broker's command line would pick, by its own helper (which every
+    # commit's msg has, so --tree may point to any of them).
+    from msg.cli import _run
+
+    print(json.dumps(_run(run(options.workload, options.reads, options.per_read, options.fsync))))
 
 
 if __name__ == "__main__":

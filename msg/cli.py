@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from msg import __version__
 from msg.config import Config, load_config, parse_size
@@ -163,8 +163,15 @@ def _configure_logging(level: str) -> None:
     )
 
 
-def _run(main: Coroutine[Any, Any, int]) -> int:
-    """Run ``main`` on uvloop when it is installed (unless MSG_LOOP=asyncio)."""
+_T = TypeVar("_T")
+
+
+def _run(main: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``main`` on uvloop when it is installed (unless MSG_LOOP=asyncio).
+
+    ``benchmarks/inprocess.py`` runs its broker through this too, so that it measures
+    the loop the command line would pick.
+    """
     loop_factory = None
     if os.environ.get("MSG_LOOP", "").lower() != "asyncio":
         try:
