@@ -317,6 +317,10 @@ class Server:
             # under load reads are large and batching takes over.
             self._flush()
         else:
+            # Publishes the router sent before booking them (Router.handle) are booked
+            # now: only a flush that follows at once writes them first, and nothing
+            # else (a store call's answer, a timer) may run before they are booked.
+            self.router.book()
             self.schedule_flush()
 
     def schedule_flush(self) -> None:

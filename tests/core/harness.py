@@ -12,6 +12,7 @@ import json
 from collections.abc import Awaitable, Generator
 from typing import Any, TypeVar, cast
 
+from msg.core.effects import AnyStoreCall
 from msg.core.ids import SequentialIds
 from msg.core.router import Router
 from msg.protocol.codec import parse_request
@@ -29,6 +30,18 @@ def run_now(awaitable: Awaitable[T]) -> T:
     except StopIteration as stop:
         return cast(T, stop.value)
     raise AssertionError("the store call suspended; the harness cannot run it")
+
+
+def run_call(harness: Harness, call: AnyStoreCall) -> None:
+    """Run one store call against the harness's store and hand back its result."""
+    try:
+        result = run_now(call.run(harness.store))
+    except AssertionError:
+        raise
+    except Exception as exc:
+        call.failed(exc)
+    else:
+        call.done(result)
 
 
 class Harness:
@@ -80,20 +93,9 @@ class Harness:
 
     def pump(self) -> None:
         """Run store calls and collect output until nothing is left to do."""
+        # In the server's order: write first, then run the store calls.
         for _ in range(10_000):
-            calls = self.router.take_calls()
             dirty = self.router.take_dirty()
-            if not calls and not dirty:
-                return
-            for call in calls:
-                try:
-                    result = run_now(call.run(self.store))
-                except AssertionError:
-                    raise
-                except Exception as exc:
-                    call.failed(exc)
-                else:
-                    call.done(result)
             for session in dirty:
                 for chunk in session.out.take():
                     # A chunk is one or more complete lines (a reply run joins several).
@@ -102,6 +104,11 @@ class Harness:
                         self.received.setdefault(session.id, []).append(json.loads(line))
                 if session.id not in self.stalled:
                     self.router.drained(session.id)
+            calls = self.router.take_calls()
+            if not calls and not dirty:
+                return
+            for call in calls:
+                run_call(self, call)
         raise AssertionError("the router never went quiet")
 
     def take(self, session_id: int) -> list[dict[str, Any]]:

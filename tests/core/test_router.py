@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from msg.persistence import StoreFailure
 from msg.protocol.codec import parse_request
-from tests.core.harness import Harness, publish, subscribe
+from tests.core.harness import Harness, publish, run_call, subscribe
 
 # ---------------------------------------------------------------------------
 # pub/sub
@@ -93,6 +94,56 @@ def test_the_subscribe_ack_precedes_the_first_message(h: Harness) -> None:
     h.send(pub, publish("jobs", "waiting", "queue"))
     frames = h.exchange(s, subscribe("jobs", "queue", id=1))
     assert [f["type"] for f in frames] == ["ack", "message"]
+
+
+def test_a_publish_ending_a_read_is_written_before_it_is_booked(h: Harness) -> None:
+    # The server writes the dirty sessions before it takes the store calls, so a
+    # lone publish reaches its subscriber before the append and the ack's slot exist.
+    sub, pub = h.connect(), h.connect()
+    h.send(sub, subscribe("t"))
+    h.router.handle(pub, [parse_request(publish("t", 1, id=9))], h.now)
+    sessions = {session.id: session for session in h.router.take_dirty()}
+    [frame] = sessions[sub].out.take()
+    delivered = json.loads(frame)
+    assert delivered["message"] == 1
+    assert sessions[pub].out.unfilled == 0
+    [call] = h.router.take_calls()
+    assert call.name == "append"
+    assert sessions[pub].out.unfilled == 1
+    run_call(h, call)
+    h.pump()
+    assert h.take(pub) == [{"type": "ack", "message_id": delivered["message_id"], "id": 9}]
+
+
+def test_a_publisher_subscribed_to_its_topic_gets_its_ack_before_its_message(
+    h: Harness,
+) -> None:
+    s = h.connect()
+    h.send(s, subscribe("t"))
+    assert [f["type"] for f in h.exchange(s, publish("t", 1))] == ["ack", "message"]
+
+
+def test_a_request_read_after_a_publish_is_answered_after_the_publish(h: Harness) -> None:
+    sub, pub = h.connect(), h.connect()
+    h.send(sub, subscribe("t"))
+    h.router.handle(pub, [parse_request(publish("t", 1, id=1))], h.now)
+    h.router.handle(pub, [parse_request({"action": "ping", "id": 2})], h.now)
+    h.pump()
+    assert [(f["type"], f["id"]) for f in h.take(pub)] == [("ack", 1), ("pong", 2)]
+
+
+def test_a_publish_is_stored_when_its_publisher_leaves_before_the_flush(h: Harness) -> None:
+    away, sub, pub = h.connect(), h.connect(), h.connect()
+    h.send(away, subscribe("t", durable="d"))
+    h.disconnect(away)
+    h.send(sub, subscribe("t"))
+    h.router.handle(pub, [parse_request(publish("t", "kept"))], h.now)
+    h.router.disconnect(pub)
+    h.pump()
+    assert [m["message"] for m in h.messages(sub)] == ["kept"]
+    back = h.connect()
+    frames = h.exchange(back, subscribe("t", durable="d"))
+    assert [m["message"] for m in frames[1:]] == ["kept"]
 
 
 def test_errors_leave_the_connection_usable(h: Harness) -> None:
