@@ -1468,6 +1468,12 @@ def _deliver_all(
 
     The frames are made once and shared by every subscriber (bytes are immutable).
     """
+    if len(message_ids) == 1:
+        # A lone publish: one join is a tenth of the cost of the machinery below.
+        frame = b"".join((prefix, payloads[0], _ID_HEAD, message_ids[0].encode(), _ID_TAIL))
+        for out in outs:
+            out.send(frame)
+        return
     encoded = "\n".join(message_ids).encode().split(b"\n")
     if len(encoded) != len(message_ids):  # an IdSource that puts newlines in ids
         encoded = [message_id.encode() for message_id in message_ids]
