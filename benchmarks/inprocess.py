@@ -12,9 +12,11 @@ the machine is doing. This script runs a real :class:`~msg.broker.server.Server`
 router, real file store, real event loop) and feeds its connections directly: a
 publisher's reads of ``--per-read`` publish lines, and for ``queue`` four manual-ack
 consumers that ack everything delivered to them after each read. What the broker writes
-goes into memory. ``--instructions`` runs it twice under callgrind, with a few reads
-and with ``--reads`` more, and divides the difference by the extra messages, so
-start-up and imports cancel out.
+goes into memory; for ``pubsub`` it also times each read from its hand-over to its
+first delivery's write (with ``--per-read 1``: a lone message's path to the wire,
+warm). ``--instructions`` runs it twice under callgrind, with a few reads and with
+``--reads`` more, and divides the difference by the extra messages, so start-up and
+imports cancel out.
 
 Compare two trees with ``--tree DIR`` (an exported ``git archive HEAD msg``, as for
 the suite's ``--msg-tree``).
@@ -44,8 +46,12 @@ class MemoryTransport:
     def __init__(self) -> None:
         self.written = 0
         self.chunks: list[bytes] = []
+        self.first_write_ns = 0
+        """When the first write since the last take() came (perf_counter_ns)."""
 
     def write(self, data: bytes) -> None:
+        if not self.chunks:
+            self.first_write_ns = time.perf_counter_ns()
         self.written += len(data)
         self.chunks.append(data)
 
@@ -122,9 +128,13 @@ async def run(workload: str, reads: int, per_read: int, fsync: str) -> dict[str,
                 for r in range(reads)
             ]
             delivered = 0
+            to_delivery: list[int] = []
             started, cpu = time.perf_counter(), time.process_time()
             for data in reads_data:
+                read_ns = time.perf_counter_ns()
                 publisher.data_received(data)
+                if workload == "pubsub":
+                    to_delivery.append(consumers[0][1].first_write_ns - read_ns)
                 await _turns(6)
                 publisher_out.take()
                 for connection, transport in consumers:
@@ -150,13 +160,20 @@ async def run(workload: str, reads: int, per_read: int, fsync: str) -> dict[str,
         finally:
             await server.stop()
     messages = reads * per_read
-    return {
+    result: dict[str, Any] = {
         "workload": workload,
         "messages": messages,
         "delivered": delivered,
         "cpu_us_per_message": round(1e6 * cpu / messages, 3),
         "wall_us_per_message": round(1e6 * wall / messages, 3),
     }
+    if to_delivery:
+        # From handing a read to the broker to its first delivery's write: the path
+        # a lone message takes at low rates (--per-read 1), warm caches.
+        ordered = sorted(to_delivery)
+        result["read_to_delivery_us_p50"] = round(ordered[len(ordered) // 2] / 1000, 2)
+        result["read_to_delivery_us_p90"] = round(ordered[len(ordered) * 9 // 10] / 1000, 2)
+    return result
 
 
 def _callgrind_total(argv: list[str]) -> int:

@@ -939,6 +939,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run = latest
                 else:
                     run.result["attempts"] = latest.result["attempts"]
+            if latest is not run:
+                print(describe(latest) + "  (disturbed more: an earlier attempt kept)", flush=True)
             if run.result.get("status") == "skipped":
                 skipped.setdefault(job.target.key, str(run.result.get("error")))
             runs.append(run)
