@@ -411,7 +411,12 @@ class GroupCommit:
                 self._synced = target
                 while waiters and waiters[0][0] <= target:
                     _run(waiters.popleft()[1], None)
-            if waiters or any(fd in self._dirty_fds for fd in self._closing):
+            # A waiter told just now may have written and waited again, which started
+            # the next round already: a second one would run beside it, and the first
+            # to end would declare the other's descriptors free to close.
+            if self._round is None and (
+                waiters or any(fd in self._dirty_fds for fd in self._closing)
+            ):
                 self._start()
         self._close_idle()
 

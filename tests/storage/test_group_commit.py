@@ -6,6 +6,9 @@
 - A round that raises something other than an OSError (a bug) still ends: every
   waiter gets an error, the failure is final and reported once, and ``drain`` does
   not hang.
+- A waiter that writes and waits again while it is being told starts the next round
+  itself, and no second round runs beside it: a descriptor let go of during that round
+  stays open until the round has synced it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,25 @@ class GatedFS(FileSystem):
 
     def sync(self, fd: int) -> None:
         assert self.gate.wait(30), "the test never opened the gate"
+        super().sync(fd)
+        self.synced.append(fd)
+
+
+class SteppedFS(FileSystem):
+    """The real file system, whose fsyncs each wait for one ``step`` permit;
+    ``second`` is set once a second fsync has begun to wait."""
+
+    def __init__(self) -> None:
+        self.step = threading.Semaphore(0)
+        self.second = threading.Event()
+        self.begun = 0
+        self.synced: list[int] = []
+
+    def sync(self, fd: int) -> None:
+        self.begun += 1
+        if self.begun == 2:
+            self.second.set()
+        assert self.step.acquire(timeout=30), "the test never let the sync go"
         super().sync(fd)
         self.synced.append(fd)
 
@@ -105,4 +127,35 @@ async def test_a_round_that_raises_a_bug_fails_every_waiter_and_ends(
         assert told[-1] is commit.failure
         assert commit._round is None  # white box: nothing is left running
         fs.close(fd)
+        commit.close_all()
+
+
+async def test_a_waiter_that_waits_again_starts_the_only_next_round(tmp_path: Path) -> None:
+    fs = SteppedFS()
+    failures: list[OSError] = []
+    told: list[tuple[str, OSError | None]] = []
+    with ThreadPoolExecutor(1) as executor:
+        commit, fd = _commit_with_one_write(fs, executor, failures, tmp_path)
+
+        def first(error: OSError | None) -> None:
+            told.append(("first", error))
+            # Told inside the round's end: write again and wait again, as a store's
+            # settle does when it records what it was told.
+            fs.pwrite(fd, b"second\n", 6)
+            commit.wrote(fd)
+            commit.after_durable(lambda error: told.append(("second", error)))
+
+        commit.after_durable(first)
+        fs.step.release()  # the first round syncs
+        assert await asyncio.to_thread(fs.second.wait, 30)  # the second round waits
+        assert told == [("first", None)]
+        # The file cache lets go of the descriptor while the second round holds it.
+        commit.close_fd(fd, str(tmp_path / "00000000000000000000.log"))
+        for _ in range(4):
+            fs.step.release()
+        await commit.drain()
+        assert failures == []
+        assert told == [("first", None), ("second", None)]
+        assert fs.synced == [fd, fd]
+        assert commit._round is None  # white box: nothing is left running
         commit.close_all()
