@@ -353,7 +353,8 @@ class Router:
         return closes
 
     def pending_replies(self, session_id: int) -> int:
-        """Requests of ``session_id`` still waiting on the store."""
+        """Requests of ``session_id`` still waiting on the store (publishes sent before
+        being booked are booked first, so they count)."""
         if self._unbooked:
             self.book()
         session = self._sessions.get(session_id)
