@@ -179,7 +179,7 @@ class Router:
         """The reply run the current request may join (see msg.core.batches)..."""
         self._run_batch: AppendBatch | SettleBatch | None = None
         """...if the request goes to this batch."""
-        self._unbooked: list[tuple[Session, Publishes, list[str], int, float]] = []
+        self._unbooked: list[tuple[Session, TopicState, Publishes, list[str], int, float]] = []
         """Publishes already sent to their subscribers, not yet booked (see handle)."""
         self._to_dispatch: dict[str, QueueState] = {}
         self._to_commit: dict[int, DurableSub] = {}
@@ -365,8 +365,12 @@ class Router:
         their appends, and their places in the publishers' reply order."""
         unbooked = self._unbooked
         self._unbooked = []
-        for session, publishes, message_ids, delivered, now in unbooked:
-            self._book_sent(session, publishes, message_ids, delivered, now)
+        for session, topic, publishes, message_ids, delivered, now in unbooked:
+            batch = self._appends or self._new_append_batch(now)
+            run = ReplyRun(session)
+            batch.runs.append(run)
+            group = batch.topics.get(topic.name) or batch.group(Kind.TOPIC, topic.name)
+            self._book_run(run, batch, topic, group, publishes, message_ids, delivered)
         self._run = None
 
     @property
@@ -437,15 +441,9 @@ class Router:
         state, group, outs, prefix = self._destination(batch, name, mode)
         if topics.count(name) == total and modes.count(mode) == total:
             # The usual read: every publish to one destination. No bytecode per message.
-            first = len(group.message_ids)
-            group.message_ids += message_ids
-            group.payloads += payloads
             if outs:
                 _deliver_all(outs, prefix, payloads, message_ids)
-            segments.append((group, first, total))
-            state.published += total
-            state.delivered += total * len(outs)
-            self._finish_publish_batch(run, batch, publishes, total, total * len(outs))
+            self._book_run(run, batch, state, group, publishes, message_ids, total * len(outs))
             return
         group_ids = group.message_ids
         group_payloads = group.payloads
@@ -503,37 +501,30 @@ class Router:
         ):
             return False
         message_ids = self._ids.next_ids(total)
-        dirty = self._dirty
-        outs = []
-        for subscriber in topic.subscribers.values():
-            outs.append(subscriber.out)
-            dirty[subscriber.id] = subscriber
+        outs = self._live_outs(topic)
         _deliver_all(outs, topic.prefix, publishes.payloads, message_ids)
-        self._unbooked.append((session, publishes, message_ids, total * len(outs), now))
+        self._unbooked.append((session, topic, publishes, message_ids, total * len(outs), now))
         return True
 
-    def _book_sent(
+    def _book_run(
         self,
-        session: Session,
+        run: ReplyRun,
+        batch: AppendBatch,
+        state: TopicState | QueueState,
+        group: AppendGroup,
         publishes: Publishes,
         message_ids: list[str],
         delivered: int,
-        now: float,
     ) -> None:
-        """Book a run of publishes to one topic that :meth:`_send_first` sent."""
-        name = publishes.topics[0]
+        """Book a whole run of publishes, all to ``group``'s destination, as one
+        segment of ``run`` (its deliveries, ``delivered`` of them, are already queued)."""
         total = len(message_ids)
-        batch = self._appends or self._new_append_batch(now)
-        run = ReplyRun(session)
-        batch.runs.append(run)
-        topic = self._topics.get(name) or self._topic(name)
-        group = batch.topics.get(name) or batch.group(Kind.TOPIC, name)
         first = len(group.message_ids)
         group.message_ids += message_ids
         group.payloads += publishes.payloads
         run.segments.append((group, first, total))
-        topic.published += total
-        topic.delivered += delivered
+        state.published += total
+        state.delivered += delivered
         self._finish_publish_batch(run, batch, publishes, total, delivered)
 
     def _finish_publish_batch(
@@ -554,14 +545,18 @@ class Router:
         if mode is Mode.PUBSUB:
             topic = self._topics.get(name) or self._topic(name)
             group = batch.topics.get(name) or batch.group(Kind.TOPIC, name)
-            dirty = self._dirty
-            outs = []
-            for subscriber in topic.subscribers.values():
-                outs.append(subscriber.out)
-                dirty[subscriber.id] = subscriber
-            return topic, group, outs, topic.prefix
+            return topic, group, self._live_outs(topic), topic.prefix
         queue = self._queues.get(name) or self._queue(name)
         return queue, batch.queues.get(name) or batch.group(Kind.QUEUE, name), [], b""
+
+    def _live_outs(self, topic: TopicState) -> list[Outbound]:
+        """The outbound buffers of ``topic``'s plain subscribers, marked dirty."""
+        dirty = self._dirty
+        outs = []
+        for subscriber in topic.subscribers.values():
+            outs.append(subscriber.out)
+            dirty[subscriber.id] = subscriber
+        return outs
 
     def _on_subscribe(self, session: Session, request: Subscribe, now: float) -> None:
         key = (request.mode, request.topic)
