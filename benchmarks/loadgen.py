@@ -78,6 +78,7 @@ import selectors
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.peers import DRIVERS, get_driver
@@ -756,6 +757,12 @@ def run_latency(options: argparse.Namespace, driver: Driver) -> dict[str, Any]:
             },
         }
         out.update(loss_and_duplicates(receivers, sent, shared=False))
+        if options.samples_out:
+            # Every timed latency and send lateness, for a suite that merges several
+            # short runs into one distribution (see benchmarks/suite.py, D slices).
+            Path(options.samples_out).write_text(
+                json.dumps({"latency_ns": samples, "send_late_ns": late_ns[skip:]})
+            )
         if (
             system0 is not None
             and system1 is not None
@@ -927,6 +934,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample", type=float, default=0.5, help="timeline interval, s")
     parser.add_argument("--broker-pid", type=int, help="sample this process's CPU and RSS")
     parser.add_argument("--run-id", default="", help="suffix for queue/stream names")
+    parser.add_argument(
+        "--samples-out", help="latency: also write every timed sample (ns, JSON) to this file"
+    )
     options = parser.parse_args(argv)
     if options.messages < 1 or options.window < 1 or options.duration <= 0:
         parser.error("--messages, --window and --duration must be positive")

@@ -23,6 +23,8 @@ Method
   numbers in the payloads.
 - Ratios (msg / peer) are computed from the same run of the suite, minutes apart on
   the same machine; they are steadier than absolute figures on a shared VM.
+- D (latency) is taken in short slices interleaved across the brokers and pooled per
+  broker (:func:`plan_latency`), so that every broker meets the same host noise.
 
 Workloads: A pub/sub 1->1 (deliveries/s); B fan-out 1->10 (deliveries/s); C queue
 1 -> 4 consumers with manual acks (confirmed acks/s); D latency at 1,000 msgs/s
@@ -37,6 +39,7 @@ Exit status: 0 if every msg run completed without loss, duplicates or errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -47,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -61,6 +64,8 @@ GRACE: Final = 30.0
 MAX_FRAMES: Final = 3_000_000
 BUSY_PERCENT: Final = 20.0
 """Other processes' CPU on the broker's core (% of it) above which a run is disturbed."""
+WARMUP: Final = 0.5
+"""D slices: seconds at the start of each not timed (connections, the broker's caches)."""
 LATE_SEND_US: Final = 250.0
 """D: a generator whose sends were this late at p99 (a quarter of the interval) was
 itself held up, and the run's figures say more about the machine than the broker: such
@@ -124,6 +129,9 @@ class Job:
     durable: bool = False
     point: int | None = None
     repetition: int = 0
+    slice: int | None = None
+    """D: which of its target's interleaved slices this is (see plan)."""
+    slices: int = 1
 
 
 @dataclass
@@ -131,6 +139,8 @@ class Run:
     job: Job
     result: dict[str, Any]
     server: dict[str, Any] = field(default_factory=dict)
+    samples: dict[str, list[int]] | None = None
+    """D slices: every timed latency and send lateness (ns), for the merge."""
 
     @property
     def ok(self) -> bool:
@@ -196,10 +206,11 @@ def plan(options: argparse.Namespace) -> list[Job]:
     queue = "--workload queue --consumers 4 --prefetch 256"
     jobs: list[Job] = []
 
-    def add(workload: str, target: Target, args: str, durable: bool = False) -> None:
+    def add(workload: str, target: Target, args: str, durable: bool = False) -> Job:
         fsync = "always" if durable else options.fsync
         limit = options.latency_seconds + 30.0 if workload == "D" else timeout
         jobs.append(Job(workload, target, args.split(), limit, fsync, durable))
+        return jobs[-1]
 
     for repetition in range(options.repeat):
         first = len(jobs)
@@ -220,20 +231,41 @@ def plan(options: argparse.Namespace) -> list[Job]:
                 add("C", target, f"{queue} --messages {n} {common}")
             if "E" in wanted:
                 add("E", target, f"{queue} --durable --messages {n} {common}", durable=True)
-        for target in targets:
-            if "D" in wanted and not target.key.startswith("relay-"):
-                seconds = options.latency_seconds
-                add(
-                    "D",
-                    target,
-                    f"--workload latency --rate 1000 --duration {seconds} "
-                    f"--payload {options.payload}",
-                )
+        if "D" in wanted:
+            plan_latency(options, [t for t in targets if not t.key.startswith("relay-")], add)
         for job in jobs[first:]:
             job.repetition = repetition
     if options.scaling and not options.quick:
         jobs += plan_scaling(options)
     return jobs
+
+
+def plan_latency(
+    options: argparse.Namespace, targets: list[Target], add: Callable[[str, Target, str], Job]
+) -> None:
+    """D's runs: each target's ``--latency-seconds`` cut into interleaved slices.
+
+    A p99 over ten seconds counts the host's stalls in those seconds, and on a shared
+    VM they come and go over minutes: measured one broker after another, whichever
+    ran in a noisy stretch looks slow. So each broker's run is cut into
+    ``--latency-slices`` short runs (a fresh broker and generator each, half a second
+    of warm-up not timed), taken round-robin across the brokers with the order
+    rotated every round, and its slices' samples are merged into one distribution
+    (:func:`merge_slices`). Every broker then samples the same stretch of the
+    machine's weather, and the ratios compare brokers rather than moments.
+    """
+    count = max(1, options.latency_slices)
+    seconds = options.latency_seconds / count
+    args = f"--workload latency --rate 1000 --payload {options.payload}"
+    if count == 1:
+        for target in targets:
+            add("D", target, f"{args} --duration {seconds}")
+        return
+    for round_ in range(count):
+        shift = round_ % max(1, len(targets))
+        for target in targets[shift:] + targets[:shift]:
+            job = add("D", target, f"{args} --duration {seconds + WARMUP} --warmup {WARMUP}")
+            job.slice, job.slices = round_, count
 
 
 def plan_scaling(options: argparse.Namespace) -> list[Job]:
@@ -406,6 +438,10 @@ def run_job(
         ]
         if server.pid:
             command += ["--broker-pid", str(server.pid)]
+        samples_path = None
+        if job.slice is not None:
+            samples_path = data_root / f"D-{target.key}-{job.repetition}-{job.slice}.json"
+            command += ["--samples-out", str(samples_path)]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         process = subprocess.Popen(
             command,
@@ -429,10 +465,69 @@ def run_job(
                 result = {"status": "error", "error": f"no result; stderr: {err[-600:]}"}
         if not server.alive() and result.get("status") == "ok":
             result["status"] = "server-died"
+        samples = None
+        if samples_path is not None and samples_path.exists():
+            samples = json.loads(samples_path.read_text())
+            samples_path.unlink()
     finally:
         info["exit"] = server.stop()
         info["problems"] = server.problems()[:20]
-    return Run(job, result, info)
+    return Run(job, result, info, samples)
+
+
+def merge_slices(slices: list[Run]) -> Run:
+    """One D run from a target's interleaved slices (see plan_latency).
+
+    Latencies and send lateness are the slices' samples pooled, so percentiles are
+    those of the whole distribution, not averages of percentiles; counts add up; CPU
+    figures are the slices' means; the status is the first that was not ok. Each
+    slice's own p50/p99 stays in the result (``slices``) to show how much the
+    machine moved meanwhile.
+    """
+    from benchmarks.loadgen import percentiles
+
+    first = slices[0]
+    job = dataclasses.replace(first.job, slice=None)
+    for part in slices:
+        if part.result.get("status") == "skipped":
+            return Run(job, part.result)
+    latencies = [ns for part in slices for ns in (part.samples or {}).get("latency_ns", [])]
+    late = [ns for part in slices for ns in (part.samples or {}).get("send_late_ns", [])]
+    results = [part.result for part in slices]
+    statuses = [str(r.get("status")) for r in results]
+    merged: dict[str, Any] = {
+        "workload": first.result.get("workload"),
+        "driver": first.result.get("driver"),
+        "status": next((s for s in statuses if s != "ok"), "ok"),
+        "pacing": first.result.get("pacing"),
+        "first_error": next((r["first_error"] for r in results if r.get("first_error")), None),
+        "latency": percentiles(latencies),
+        "send_late_us": {k: v for k, v in percentiles(late).items() if k != "cdf_us"},
+    }
+    for key in ("published", "deliveries", "unique", "lost", "duplicated", "warmup_skipped"):
+        merged[key] = sum(int(r.get(key) or 0) for r in results)
+    for key in ("publish_errors", "receive_errors"):
+        if any(key in r for r in results):
+            merged[key] = sum(int(r.get(key) or 0) for r in results)
+    for key in ("broker_cpu_percent", "generator_cpu_percent", "other_cpu_percent"):
+        values = [r[key] for r in results if r.get(key) is not None]
+        merged[key] = round(statistics.fmean(values), 1) if values else None
+    if not all(part.samples for part in slices):
+        merged["error"] = "a slice left no samples (see its status)"
+    merged["slices"] = [
+        {
+            "status": r.get("status"),
+            "p50_us": (r.get("latency") or {}).get("p50_us"),
+            "p99_us": (r.get("latency") or {}).get("p99_us"),
+            "send_late_p99_us": (r.get("send_late_us") or {}).get("p99_us"),
+            "other_cpu_percent": r.get("other_cpu_percent"),
+        }
+        for r in results
+    ]
+    server = dict(first.server)
+    server["problems"] = [line for part in slices for line in part.server.get("problems", [])][:20]
+    server["exit"] = next((p.server.get("exit") for p in slices if p.server.get("exit")), 0)
+    return Run(job, merged, server)
 
 
 def describe(run: Run) -> str:
@@ -767,7 +862,12 @@ def collect_notes(runs: list[Run]) -> list[str]:
         if (res.get("other_cpu_percent") or 0) > BUSY_PERCENT:
             notes.append(
                 f"{tag}: other processes used {res['other_cpu_percent']:.0f}% of a core "
-                f"during the run (after {res.get('attempts', 1)} attempt(s)): figure disturbed"
+                + (
+                    f"on average over {len(res['slices'])} interleaved slices"
+                    if res.get("slices")
+                    else f"during the run (after {res.get('attempts', 1)} attempt(s))"
+                )
+                + ": figure disturbed"
             )
         if (res.get("generator_cpu_percent") or 0) > 85 and run.job.workload != "D":
             notes.append(
@@ -781,10 +881,12 @@ def collect_notes(runs: list[Run]) -> list[str]:
                 f"(p99 {late} us late), so some go in pairs"
             )
         elif run.job.workload == "D" and late is not None and late > LATE_SEND_US:
-            notes.append(
-                f"{tag}: the generator sent late (p99 {late:.0f} us, after "
-                f"{res.get('attempts', 1)} attempt(s)): figure disturbed"
+            how = (
+                f"over {len(res['slices'])} interleaved slices: every broker's D shares it"
+                if res.get("slices")
+                else f"after {res.get('attempts', 1)} attempt(s): figure disturbed"
             )
+            notes.append(f"{tag}: the generator sent late (p99 {late:.0f} us, {how})")
         own = run.job.target.server in ("msg", "relay")  # peers' logs stay in the JSON
         for line in (run.server.get("problems") or [])[:2] if own else []:
             notes.append(f"{tag}: broker log: {line[:200]}")
@@ -844,7 +946,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="subset of " + ",".join(SCALING_LABELS),
     )
     parser.add_argument("--duration", type=float, default=3.0, help="seconds publishing per run")
-    parser.add_argument("--latency-seconds", type=float, default=10.0, help="D's duration")
+    parser.add_argument(
+        "--latency-seconds", type=float, default=10.0, help="D's timed seconds per broker"
+    )
+    parser.add_argument(
+        "--latency-slices",
+        type=int,
+        default=5,
+        help="D: cut each broker's seconds into this many runs, interleaved across the "
+        "brokers (1: one run each, re-measured when disturbed)",
+    )
     parser.add_argument("--payload", type=int, default=100, help="message bytes (default 100)")
     parser.add_argument("--repeat", type=int, default=1, help="repetitions, interleaved")
     parser.add_argument(
@@ -919,8 +1030,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[Run] = []
     began = time.monotonic()
     skipped: dict[str, str] = {}
+    sliced: dict[tuple[str, int], list[Run]] = {}
     try:
         for job in jobs:
+            if job.slice is not None:
+                # Interleaved D slices are not re-measured: the machine's noise is
+                # shared across brokers by the interleaving instead (plan_latency).
+                if job.target.key in skipped:
+                    part = Run(job, {"status": "skipped", "error": skipped[job.target.key]})
+                else:
+                    part = run_job(job, options, (server_cpus, generator_cpus), data_root)
+                    print(describe(part) + f"  (slice {job.slice + 1}/{job.slices})", flush=True)
+                parts = sliced.setdefault((job.target.key, job.repetition), [])
+                parts.append(part)
+                if part.result.get("status") == "skipped":
+                    skipped.setdefault(job.target.key, str(part.result.get("error")))
+                if len(parts) == job.slices:
+                    runs.append(merge_slices(parts))
+                    print(describe(runs[-1]) + f"  ({job.slices} slices merged)", flush=True)
+                continue
             if job.target.key in skipped and job.target.server != "redis":
                 runs.append(Run(job, {"status": "skipped", "error": skipped[job.target.key]}))
                 continue
