@@ -68,13 +68,14 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Final
 
 from msg.persistence import FsyncPolicy
 from msg.storage.files import FD_EXHAUSTED
 from msg.storage.fs import FileSystem
+from msg.storage.thread import StorageThread
 
 __all__ = ["EXHAUSTED_RETRIES", "SYNC_THREADS", "Callback", "GroupCommit"]
 
@@ -101,7 +102,7 @@ class GroupCommit:
         fs: FileSystem,
         policy: FsyncPolicy,
         loop: asyncio.AbstractEventLoop,
-        executor: Executor,
+        executor: StorageThread,
         on_failure: Callable[[OSError], None],
         *,
         on_exhausted: Callable[[], object] | None = None,
@@ -293,7 +294,7 @@ class GroupCommit:
             dirty.difference_update(fds)
             paths, dirs = [], []
         round_ = self._loop.create_future()
-        self._executor.submit(self._run_round, fds, paths, dirs, self._written, full)
+        self._executor.post(self._run_round, fds, paths, dirs, self._written, full)
         self._busy = frozenset(fds)
         self._round = round_
 

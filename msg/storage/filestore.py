@@ -105,7 +105,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
 from operator import attrgetter
@@ -162,6 +161,7 @@ from msg.storage.logs import (
 )
 from msg.storage.lostfound import LOST_FOUND, copy_aside, move_aside
 from msg.storage.segments import SPARSE_INDEX_BYTES, Segment, read_topic_segment
+from msg.storage.thread import StorageThread
 
 __all__ = ["COMPACT_LIVE_RATIO", "DEFAULT_SEGMENT_BYTES", "FREE_CHECK_INTERVAL", "FileStore"]
 
@@ -312,7 +312,7 @@ class FileStore:
         self._index = Index(max_queue_messages)
         self._queues: dict[str, QueueLog] = {}
         self._topics: dict[str, TopicLog] = {}
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: StorageThread | None = None
         self._commit: GroupCommit | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_fd: int | None = None
@@ -346,7 +346,7 @@ class FileStore:
         loop = asyncio.get_running_loop()
         # One thread: syncs must not overlap (a later round must not finish first),
         # and recovery runs there too so the event loop stays responsive.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msg-storage")
+        self._executor = StorageThread()
         started = time.perf_counter()
         try:
             recovery = await loop.run_in_executor(self._executor, self._recover)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ import pytest
 from msg.persistence import FsyncPolicy
 from msg.storage.commit import GroupCommit
 from msg.storage.fs import FileSystem
+from msg.storage.thread import StorageThread
 
 
 class GatedFS(FileSystem):
@@ -66,7 +66,7 @@ class BuggyFS(FileSystem):
 
 
 def _commit_with_one_write(
-    fs: FileSystem, executor: ThreadPoolExecutor, failures: list[OSError], tmp_path: Path
+    fs: FileSystem, executor: StorageThread, failures: list[OSError], tmp_path: Path
 ) -> tuple[GroupCommit, int]:
     """A group commit under ``always``, and a log with one record written, not synced."""
     commit = GroupCommit(
@@ -84,7 +84,7 @@ async def test_waiters_are_told_in_order_once_a_later_round_synced_their_writes(
     fs = GatedFS()
     failures: list[OSError] = []
     told: list[tuple[str, OSError | None]] = []
-    with ThreadPoolExecutor(1) as executor:
+    with StorageThread() as executor:
         commit, fd = _commit_with_one_write(fs, executor, failures, tmp_path)
         commit.after_durable(lambda error: told.append(("first", error)))
         # The first round is running (held at its fsync): this write is not in it.
@@ -109,7 +109,7 @@ async def test_a_round_that_raises_a_bug_fails_every_waiter_and_ends(
     fs = BuggyFS()
     failures: list[OSError] = []
     told: list[OSError | None] = []
-    with ThreadPoolExecutor(1) as executor:
+    with StorageThread() as executor:
         commit, fd = _commit_with_one_write(fs, executor, failures, tmp_path)
         with caplog.at_level(logging.ERROR, logger="msg.storage.commit"):
             commit.after_durable(told.append)
@@ -134,7 +134,7 @@ async def test_a_waiter_that_waits_again_starts_the_only_next_round(tmp_path: Pa
     fs = SteppedFS()
     failures: list[OSError] = []
     told: list[tuple[str, OSError | None]] = []
-    with ThreadPoolExecutor(1) as executor:
+    with StorageThread() as executor:
         commit, fd = _commit_with_one_write(fs, executor, failures, tmp_path)
 
         def first(error: OSError | None) -> None:

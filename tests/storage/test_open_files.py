@@ -21,7 +21,6 @@ import logging
 import os
 import random
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -39,6 +38,7 @@ from msg.persistence import (
 from msg.storage.commit import EXHAUSTED_RETRIES, GroupCommit
 from msg.storage.filestore import FileStore
 from msg.storage.fs import FileSystem
+from msg.storage.thread import StorageThread
 from tests.storage.faulty import ExhaustedFS
 
 pytestmark = pytest.mark.skipif(
@@ -417,7 +417,7 @@ async def test_a_file_removed_before_the_round_that_syncs_it_by_path(tmp_path: P
     # and that is no disk error.
     fs = ClosingFS()
     failures: list[OSError] = []
-    with ThreadPoolExecutor(1) as executor:
+    with StorageThread() as executor:
         commit = GroupCommit(
             fs, FsyncPolicy.EVERYSEC, asyncio.get_running_loop(), executor, failures.append
         )
