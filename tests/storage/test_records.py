@@ -183,11 +183,22 @@ def test_pub_batch_writes_what_pub_parts_writes(
         for raw in one_by_one:
             assert raw.count(b"\n") == 1
             assert records.valid(raw[:-1])
+        # A lone message takes a path of its own.
+        for seq, message_id, payload, raw in zip(
+            seqs, message_ids, payloads, one_by_one, strict=True
+        ):
+            assert records.pub_batch([seq], [message_id], [payload], published_at) == (
+                raw,
+                [len(raw)],
+                len(payload),
+            )
 
 
 def test_pub_batch_refuses_an_id_json_cannot_hold() -> None:
     with pytest.raises((TypeError, ValueError)):
         records.pub_batch(range(2), ["ok", "\ud800"], [b"1", b"2"], 1.0)
+    with pytest.raises((TypeError, ValueError)):
+        records.pub_batch([1], ["\ud800"], [b"1"], 1.0)
 
 
 def test_batched_short_records_match_single_ones() -> None:
