@@ -327,6 +327,10 @@ class GroupCommit:
         descriptor (not synced; a disk error raises instead).
         """
         fs = self._fs
+        if len(fds) == 1 and not paths and not dirs:
+            # The usual round at low rates: the one log written since the last.
+            fs.sync(fds[0])
+            return [], []
         missed_paths: list[str] = []
         missed_dirs: list[str] = []
 
