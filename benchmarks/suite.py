@@ -96,6 +96,8 @@ TARGETS: Final = {
         Target("relay-pure", "ceiling relay, stdlib", "relay", "relay", 400_000, pure=True),
         Target("redis", "Redis", "redis", "redis", 1_000_000),
         Target("nats", "NATS", "nats", "nats", 1_200_000),
+        # Only on request (--targets): NATS answering every publish (+OK), for D.
+        Target("nats-verbose", "NATS, +OK per publish", "nats", "nats-verbose", 1_200_000),
         Target("mosquitto", "Mosquitto", "mosquitto", "mqtt", 300_000),
         Target("rabbitmq", "RabbitMQ", "rabbitmq", "amqp", 150_000),
         Target("amqtt", "amqtt", "amqtt", "mqtt", 30_000),

@@ -12,7 +12,7 @@ from benchmarks.peers.amqp import AmqpDriver
 from benchmarks.peers.base import Driver
 from benchmarks.peers.mqtt import MqttDriver
 from benchmarks.peers.msg import MsgDriver, RelayDriver
-from benchmarks.peers.nats import NatsDriver
+from benchmarks.peers.nats import NatsDriver, NatsVerboseDriver
 from benchmarks.peers.redis import RedisDriver
 
 DRIVERS: dict[str, type[Driver]] = {
@@ -20,6 +20,7 @@ DRIVERS: dict[str, type[Driver]] = {
     "relay": RelayDriver,
     "redis": RedisDriver,
     "nats": NatsDriver,
+    "nats-verbose": NatsVerboseDriver,
     "mqtt": MqttDriver,
     "amqp": AmqpDriver,
 }

@@ -145,6 +145,7 @@ class NatsDriver(Driver):
     name = "nats"
     pubsub_acks = False
     queue_acks = True
+    connect_line = _CONNECT
 
     def __init__(self, host: str, port: int, run_id: str) -> None:
         super().__init__(host, port, run_id)
@@ -164,7 +165,7 @@ class NatsDriver(Driver):
         info = hs.until(b"\r\n")
         if info.startswith(b"INFO "):
             self.info = json.loads(info[5:])
-        sock.sendall(_CONNECT + setup + (_PING if setup else b""))
+        sock.sendall(self.connect_line + setup + (_PING if setup else b""))
         hs.until(_PONG, 2 if setup else 1)
         return sock, hs
 
@@ -241,3 +242,16 @@ class NatsDriver(Driver):
         if not self.info:
             self._open()[0].close()
         return str(self.info.get("version", ""))
+
+
+class NatsVerboseDriver(NatsDriver):
+    """NATS in verbose mode: the server answers every ``PUB`` with ``+OK``.
+
+    Not a way anyone would publish for speed; it is here for D, to measure what a reply
+    to every publish costs the tail on its own (msg, the relay and Redis answer every
+    publish; core NATS and MQTT QoS 0 do not). The publisher reads the ``+OK`` lines
+    and counts nothing from them.
+    """
+
+    name = "nats-verbose"
+    connect_line = _CONNECT.replace(b'"verbose":false', b'"verbose":true')
