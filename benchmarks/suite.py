@@ -132,7 +132,7 @@ class Job:
     point: int | None = None
     repetition: int = 0
     slice: int | None = None
-    """D: which of its target's interleaved slices this is (see plan)."""
+    """D: which of its target's interleaved slices this is (see plan_latency)."""
     slices: int = 1
 
 
@@ -884,7 +884,7 @@ def collect_notes(runs: list[Run]) -> list[str]:
             )
         elif run.job.workload == "D" and late is not None and late > LATE_SEND_US:
             how = (
-                f"over {len(res['slices'])} interleaved slices: every broker's D shares it"
+                f"over {len(res['slices'])} interleaved slices"
                 if res.get("slices")
                 else f"after {res.get('attempts', 1)} attempt(s): figure disturbed"
             )
