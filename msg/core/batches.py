@@ -15,6 +15,10 @@ requests that went to the same group, as (group, first index, count) — plus ea
 request's id; when the batch's store call returns, each group knows how it fared, and
 the run fills its slot with all its replies at once, in request order. The common
 case (one destination, no request ids, everything stored) is a single string join.
+
+A run of publishes that asked for no reply (``"reply": false``) still reserves its
+slot, so that a later request's reply cannot overtake one of its errors; its slot is
+filled with the errors alone, usually nothing.
 """
 
 from __future__ import annotations
@@ -80,6 +84,13 @@ class AppendGroup:
             return encode_ack(rid, self.message_ids[index])
         assert self.failure is not None
         return encode_error(ErrorCode(self.failure.value), self.text, rid)
+
+    def refusal(self, index: int, rid: JsonScalar) -> bytes:
+        """What a publish that asked for no reply is answered: nothing once stored."""
+        if index < len(self.positions):
+            return b""
+        assert self.failure is not None
+        return encode_error(ErrorCode(self.failure.value), self.text, rid, reply=False)
 
     def all_done(self, first: int, count: int) -> bool:
         """Whether messages ``first`` to ``first + count`` all succeeded."""
@@ -211,7 +222,7 @@ class ReplyRun:
     # A run deliberately does not point back at its batch: the batch holds its runs, and
     # a cycle would keep each batch (and every payload in it) alive until the cyclic
     # garbage collector happened to run.
-    __slots__ = ("has_ids", "rids", "segments", "session", "slot")
+    __slots__ = ("has_ids", "reply", "rids", "segments", "session", "slot")
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -222,6 +233,8 @@ class ReplyRun:
         """Each request's id, in order."""
         self.has_ids = False
         """Whether any request of the run has an id to echo."""
+        self.reply = True
+        """False: publishes that asked for no reply, answered only if refused."""
 
     def add(self, group: AppendGroup | SettleGroup, index: int, rid: JsonScalar) -> None:
         """Request number ``index`` of ``group`` is answered in this run, next."""
@@ -249,6 +262,8 @@ class ReplyRun:
 
     def replies(self) -> bytes:
         """Every reply of the run, in request order (once the groups are settled)."""
+        if not self.reply:
+            return self._refusals()
         rids = self.rids
         plain = not self.has_ids
         out: list[bytes] = []
@@ -267,6 +282,21 @@ class ReplyRun:
                 reply = group.reply
                 out.extend(
                     [reply(first + offset, rids[position + offset]) for offset in range(count)]
+                )
+            position += count
+        return b"".join(out)
+
+    def _refusals(self) -> bytes:
+        """The replies of a run of publishes that asked for none: their errors only."""
+        out: list[bytes] = []
+        position = 0
+        for group, first, count in self.segments:
+            if not group.all_done(first, count):
+                assert type(group) is AppendGroup  # only publishes run without replies
+                refusal = group.refusal
+                rids = self.rids
+                out.extend(
+                    [refusal(first + offset, rids[position + offset]) for offset in range(count)]
                 )
             position += count
         return b"".join(out)

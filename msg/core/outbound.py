@@ -59,9 +59,11 @@ class Outbound:
         while held:
             head = held[0]
             if type(head) is Slot:
-                if head.frame is None:
+                answer = head.frame
+                if answer is None:
                     return
-                ready.append(head.frame)
+                if answer:  # empty: publishes that asked for no reply, all stored
+                    ready.append(answer)
             else:
                 ready.append(head)  # type: ignore[arg-type]
             held.popleft()

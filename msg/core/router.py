@@ -269,9 +269,7 @@ class Router:
             elif kind is Acks:
                 self._ack_batch(session, cast(Acks, request))
             elif kind is Publish or kind is Ack:
-                end = index + 1
-                while end < count and type(requests[end]) is kind:
-                    end += 1
+                end = _run_end(requests, index)
                 frames = requests[index:end]
                 if kind is Publish:
                     publishes = _gather_publishes(frames)
@@ -399,7 +397,9 @@ class Router:
     def _on_error(self, session: Session, request: RequestError, now: float) -> None:
         self.counters.errors += 1
         log.debug("session %d: %s: %s", session.id, request.code, request.text)
-        session.out.send(encode_error(request.code, request.text, request.id, request.message_id))
+        session.out.send(
+            encode_error(request.code, request.text, request.id, request.message_id, request.reply)
+        )
 
     def _on_ping(self, session: Session, request: Ping, now: float) -> None:
         if request.id is None:
@@ -423,7 +423,7 @@ class Router:
                 assert self.read_only is not None
                 code, text = ErrorCode(self.read_only.value), STORE_TEXT[self.read_only]
             for rid in publishes.ids:
-                self._reject(session, code, text, rid)
+                self._reject(session, code, text, rid, reply=publishes.reply)
             return
         topics = publishes.topics
         modes = publishes.modes
@@ -532,6 +532,7 @@ class Router:
     ) -> None:
         rids = run.rids = publishes.ids
         run.has_ids = rids.count(None) != len(rids)
+        run.reply = publishes.reply
         self._run = run
         self._run_batch = batch
         self.counters.published += total
@@ -1387,9 +1388,11 @@ class Router:
         text: str,
         rid: JsonScalar,
         message_id: str | None = None,
+        *,
+        reply: bool = True,
     ) -> None:
         self.counters.errors += 1
-        session.out.send(encode_error(code, text, rid, message_id))
+        session.out.send(encode_error(code, text, rid, message_id, reply))
 
     def _fill(self, session: Session, slot: Slot, frame: bytes) -> None:
         if not session.closed:
@@ -1483,6 +1486,28 @@ def _deliver_all(
             out.ready += frames
 
 
+def _run_end(requests: Sequence[Batch], index: int) -> int:
+    """Where the run of single :class:`Publish` (or :class:`Ack`) frames that starts at
+    ``index`` ends: frames of one kind, and for publishes, all asking for a reply or
+    all not (as in a :class:`Publishes` batch)."""
+    first = requests[index]
+    kind = type(first)
+    end = index + 1
+    count = len(requests)
+    if kind is Publish:
+        reply = cast(Publish, first).reply
+        while (
+            end < count
+            and type(requests[end]) is Publish
+            and cast(Publish, requests[end]).reply is reply
+        ):
+            end += 1
+    else:
+        while end < count and type(requests[end]) is kind:
+            end += 1
+    return end
+
+
 def _gather_publishes(frames: Sequence[Batch]) -> Publishes:
     """Single publish frames as one batch."""
     publishes = cast(Sequence[Publish], frames)
@@ -1491,6 +1516,7 @@ def _gather_publishes(frames: Sequence[Batch]) -> Publishes:
         [p.payload for p in publishes],
         [p.mode for p in publishes],
         [p.id for p in publishes],
+        publishes[0].reply,
     )
 
 

@@ -7,7 +7,7 @@ two steps:
 
 1. :class:`LineBuffer` cuts the byte stream into lines. It never searches the same
    bytes twice, holds at most ``max_line_bytes`` of an unfinished line, and reports a
-   longer line once (as :data:`LINE_TOO_LONG`) before skipping to its end. Blank lines
+   longer line once (as a :class:`LineTooLong`) before skipping to its end. Blank lines
    are ignored, so a person typing into ``nc`` can press Enter freely.
 2. :class:`RequestReader` decodes each line and validates it into a request frame, or
    into a :class:`~msg.protocol.frames.RequestError` naming what was wrong.
@@ -40,6 +40,7 @@ produced, so the broker can handle them as one batch and answer with one write.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Set
+from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
 from typing import Any, Final, cast
@@ -68,7 +69,7 @@ from msg.protocol.names import VALID_NAMES, name_problem
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
-    "LINE_TOO_LONG",
+    "TOO_LONG_HEAD_BYTES",
     "LineBuffer",
     "LineTooLong",
     "RequestReader",
@@ -97,16 +98,18 @@ _MAX_MESSAGE_ID_CHARS: Final = 128
 _MAX_EARLY_TRIES: Final = 8
 
 
+TOO_LONG_HEAD_BYTES: Final = 4096
+"""How much of an overlong line :class:`LineTooLong` keeps: enough for every field a
+request may put before its message, longest names spelt with escapes included."""
+
+
+@dataclass(frozen=True, slots=True)
 class LineTooLong:
-    """Marker in :meth:`LineBuffer.feed` output: a line exceeded the size cap."""
+    """In :meth:`LineBuffer.feed` output, in place of a line over the size cap."""
 
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "LINE_TOO_LONG"
-
-
-LINE_TOO_LONG: Final = LineTooLong()
+    head: bytes = b""
+    """The line's first bytes (up to :data:`TOO_LONG_HEAD_BYTES`): enough to tell a
+    publish that asked for no reply, whose error must say so."""
 
 
 class LineBuffer:
@@ -123,7 +126,7 @@ class LineBuffer:
         # to the next newline.
         self._discarding = False
         self.overlong = False
-        """Whether the last :meth:`feed` returned a :data:`LINE_TOO_LONG`."""
+        """Whether the last :meth:`feed` returned a :class:`LineTooLong`."""
 
     @property
     def partial(self) -> bytes:
@@ -163,7 +166,7 @@ class LineBuffer:
             if end < 0:
                 self._partial += data
                 if len(self._partial) > self._max:
-                    self._overflow(out)
+                    self._overflow(out, bytes(self._partial[:TOO_LONG_HEAD_BYTES]))
                 return out
             self._partial += data[:end]
             line = bytes(self._partial)
@@ -176,7 +179,7 @@ class LineBuffer:
             self._emit(line, out)
         if tail:
             if len(tail) > self._max:
-                self._overflow(out)
+                self._overflow(out, tail)
             else:
                 self._partial += tail
         return out
@@ -221,15 +224,15 @@ class LineBuffer:
     def _emit(self, line: bytes, out: list[bytes | LineTooLong]) -> None:
         if len(line) > self._max:
             self.overlong = True
-            out.append(LINE_TOO_LONG)
+            out.append(LineTooLong(line[:TOO_LONG_HEAD_BYTES]))
         elif line:
             out.append(line)
 
-    def _overflow(self, out: list[bytes | LineTooLong]) -> None:
+    def _overflow(self, out: list[bytes | LineTooLong], head: bytes) -> None:
         self._partial.clear()
         self._discarding = True
         self.overlong = True
-        out.append(LINE_TOO_LONG)
+        out.append(LineTooLong(head[:TOO_LONG_HEAD_BYTES]))
 
 
 class RequestReader:
@@ -347,6 +350,7 @@ class RequestReader:
                         ErrorCode.TOO_LARGE,
                         f"request line is longer than the broker's limit of "
                         f"{self.max_line_bytes} bytes",
+                        reply=_asks_for_reply(cast(LineTooLong, line).head),
                     )
                 )
                 publishes = acks = None  # what follows an error must come after it
@@ -378,15 +382,21 @@ class RequestReader:
                             mode: Mode | None = Mode.PUBSUB
                         else:
                             mode = _MODES.get(raw_mode) if type(raw_mode) is str else None
-                        # No unknown fields: action, topic, message, and mode and id if
-                        # given. (An explicit null for mode or id miscounts, and so goes
-                        # to the full parser, which handles it.)
+                        raw_reply = obj.get("reply")
+                        # No unknown fields: action, topic, message, and mode, id and
+                        # reply if given. (An explicit null for one of those miscounts,
+                        # and so goes to the full parser, which handles it.)
                         if (
                             mode is not None
                             and type(topic) is str
                             and topic in VALID_NAMES
                             and "message" in obj
-                            and len(obj) == 3 + (raw_mode is not None) + (rid is not None)
+                            and (raw_reply is None or type(raw_reply) is bool)
+                            and len(obj)
+                            == 3
+                            + (raw_mode is not None)
+                            + (rid is not None)
+                            + (raw_reply is not None)
                         ):
                             try:
                                 # Copied to an exact-size object: see _KEEP_COPY.
@@ -394,8 +404,9 @@ class RequestReader:
                             except (EncodeError, RecursionError):
                                 pass
                             else:
-                                if publishes is None:
-                                    publishes = Publishes([], [], [], [])
+                                reply = raw_reply is not False
+                                if publishes is None or publishes.reply is not reply:
+                                    publishes = Publishes([], [], [], [], reply)
                                     append(publishes)
                                     acks = None
                                 publishes.topics.append(topic)
@@ -427,7 +438,7 @@ class _PublishShape:
     """What a client's publish lines share: all their text before the message, and
     whether each ends in a request id after the message."""
 
-    __slots__ = ("ids", "mode", "prefix", "separator", "topic")
+    __slots__ = ("ids", "mode", "prefix", "reply", "separator", "topic")
 
     def __init__(self, prefix: bytes, request: Publish, ids: bool) -> None:
         self.prefix = prefix
@@ -438,6 +449,7 @@ class _PublishShape:
         """Each line is prefix + message + ``,"id":`` + id + ``}``."""
         self.topic = request.topic
         self.mode = request.mode
+        self.reply = request.reply
 
     @classmethod
     def of(cls, line: bytes, ids: bool) -> _PublishShape | None:
@@ -471,7 +483,7 @@ class _PublishShape:
                     return None
             except (DecodeError, EncodeError, RecursionError):
                 return None
-            return Publishes([self.topic], [message], [self.mode], [None])
+            return Publishes([self.topic], [message], [self.mode], [None], self.reply)
         messages = block[len(self.prefix) : -1].split(self.separator)
         if (
             len(block) > max_line_bytes
@@ -491,7 +503,7 @@ class _PublishShape:
         except (DecodeError, EncodeError, RecursionError):
             return None
         count = len(messages)
-        return Publishes([self.topic] * count, messages, [self.mode] * count, rids)
+        return Publishes([self.topic] * count, messages, [self.mode] * count, rids, self.reply)
 
 
 class _AckShape:
@@ -613,6 +625,21 @@ def _read_with(
     return prefix, request
 
 
+def _asks_for_reply(head: bytes) -> bool:
+    """Whether the overlong line that starts with ``head`` should be answered as any
+    request is: False only if all of it before ``"message":`` reads as a publish that
+    asked for no reply (as msg's client writes one), so that its error says so."""
+    end = head.find(b'"message":')
+    if end < 0:
+        return True
+    try:
+        request = parse_request(loads(head[: end + len(b'"message":')] + b"0}"))
+    except (DecodeError, RecursionError):
+        return True
+    # (A publish refused for what lies before its message, too: its error says so.)
+    return request.reply if isinstance(request, Publish | RequestError) else True
+
+
 def _shape_of(line: bytes) -> _PublishShape | _AckShape | None:
     """The shape of ``line``, if it is an ack or a publish that has one."""
     if b'"message' not in line:
@@ -681,17 +708,31 @@ def _all_publishes(objs: list[Any]) -> Publishes | None:
         return None
     if not all(map(dict.__contains__, objs, repeat("message"))):
         return None
-    # No field but action, topic, message, and mode and id where given: each request
-    # has at least those, so equal totals mean none has more. (An explicit null mode
-    # or id counts here but not there, and goes line by line, as in the fast path.)
-    if sum(map(len, objs)) != 5 * count - raw_modes.count(None) - rids.count(None):
+    # Every publish asks for a reply, or none does (a mixed read goes line by line).
+    raw_replies = list(map(get, objs, repeat("reply")))
+    unset = raw_replies.count(None)
+    if unset == count:
+        reply = True
+    else:
+        first = raw_replies[0]
+        # (type() too: 0 == False, and 0 is not a valid "reply".)
+        if type(first) is not bool or raw_replies.count(first) != count:
+            return None
+        if set(map(type, raw_replies)) != _BOOL_ONLY:
+            return None
+        reply = first
+    # No field but action, topic, message, and mode, id and reply where given: each
+    # request has at least those, so equal totals mean none has more. (An explicit null
+    # counts here but not there, and goes line by line, as in the fast path.)
+    if sum(map(len, objs)) != 6 * count - raw_modes.count(None) - rids.count(None) - unset:
         return None
     try:
         # _KEEP_COPY: see there; the original is dropped before the next dumps.
         payloads = list(map(_KEEP_COPY.__mod__, map(dumps, map(get, objs, repeat("message")))))
     except (EncodeError, RecursionError):
         return None
-    return Publishes(topics, payloads, list(map(_FAST_MODES.__getitem__, raw_modes)), rids)
+    modes = list(map(_FAST_MODES.__getitem__, raw_modes))
+    return Publishes(topics, payloads, modes, rids, reply)
 
 
 def _all_acks(objs: list[Any]) -> Acks | None:
@@ -734,6 +775,7 @@ def _allowed(values: list[Any], allowed: Set[Any]) -> list[Any] | None:
 
 _DICT_ONLY: Final = {dict}
 _STR_ONLY: Final = {str}
+_BOOL_ONLY: Final = {bool}
 _FAST_MODES: Final[Mapping[object, Mode]] = {
     None: Mode.PUBSUB,
     "pubsub": Mode.PUBSUB,
@@ -786,6 +828,9 @@ def parse_request(obj: Any) -> Request | RequestError:
             exc.text,
             rid,
             message_id if type(message_id) is str else None,
+            # A refused publish that asked for no reply still gets its error, marked, so
+            # a client does not take it for the reply to its next request.
+            not (action == "publish" and obj.get("reply") is False),
         )
 
 
@@ -864,7 +909,7 @@ def _message_id(obj: dict[str, Any], action: str) -> str:
     return message_id
 
 
-_PUBLISH_FIELDS: Final = frozenset({"action", "id", "topic", "message", "mode"})
+_PUBLISH_FIELDS: Final = frozenset({"action", "id", "topic", "message", "mode", "reply"})
 _SUBSCRIBE_FIELDS: Final = frozenset(
     {"action", "id", "topic", "mode", "ack", "prefetch", "durable"}
 )
@@ -878,6 +923,9 @@ _BARE_FIELDS: Final = frozenset({"action", "id"})
 
 def _parse_publish(obj: dict[str, Any], rid: JsonScalar) -> Publish:
     _check_fields(obj, "publish", _PUBLISH_FIELDS)
+    reply = obj.get("reply", True)
+    if type(reply) is not bool:
+        raise _Rejected(ErrorCode.BAD_REQUEST, "'reply' must be true or false")
     mode = _mode(obj)
     topic = _topic(obj, "publish")
     if "message" not in obj:
@@ -886,7 +934,7 @@ def _parse_publish(obj: dict[str, Any], rid: JsonScalar) -> Publish:
         payload = _KEEP_COPY % dumps(obj["message"])
     except (EncodeError, RecursionError) as exc:
         raise _Rejected(ErrorCode.BAD_REQUEST, f"'message' cannot be stored: {exc}") from None
-    return Publish(topic, payload, mode, rid)
+    return Publish(topic, payload, mode, rid, reply)
 
 
 def _parse_subscribe(obj: dict[str, Any], rid: JsonScalar) -> Subscribe:
@@ -1002,16 +1050,20 @@ def encode_error(
     text: str,
     rid: JsonScalar = None,
     message_id: str | None = None,
+    reply: bool = True,
 ) -> bytes:
-    """An error reply: ``{"type":"error","error":text,"code":code,...}``."""
-    reply: dict[str, Any] = {"type": "error"}
+    """An error reply: ``{"type":"error","error":text,"code":code,...}``; with
+    ``"reply":false`` when it answers a publish that asked for no reply."""
+    error: dict[str, Any] = {"type": "error"}
     if rid is not None:
-        reply["id"] = rid
-    reply["error"] = text
-    reply["code"] = code.value
+        error["id"] = rid
+    if not reply:
+        error["reply"] = False
+    error["error"] = text
+    error["code"] = code.value
     if message_id is not None:
-        reply["message_id"] = message_id
-    return dumps(reply) + b"\n"
+        error["message_id"] = message_id
+    return dumps(error) + b"\n"
 
 
 def encode_ack(rid: JsonScalar, message_id: str) -> bytes:

@@ -90,6 +90,8 @@ class Publish:
     """The ``message`` value, JSON-encoded: stored and delivered without re-encoding."""
     mode: Mode = Mode.PUBSUB
     id: JsonScalar = None
+    reply: bool = True
+    """False: nothing is sent once the message is stored; only an error is answered."""
 
 
 @dataclass(slots=True)
@@ -156,6 +158,8 @@ class RequestError:
     text: str
     id: JsonScalar = None
     message_id: str | None = None
+    reply: bool = True
+    """False when the line was a publish that asked for no reply: the error says so."""
 
 
 Request = Publish | Subscribe | Unsubscribe | Ack | Nack | Ping | Status
@@ -169,12 +173,14 @@ class Publishes:
     :meth:`msg.protocol.codec.RequestReader.feed_batches` returns each run as one of
     these instead of a :class:`Publish` per message, so neither the codec nor the
     router builds an object per message. Iterating yields the equivalent frames.
+    Every publish of a batch asked for a reply, or none did (``reply``).
     """
 
     topics: list[str]
     payloads: list[bytes]
     modes: list[Mode]
     ids: list[JsonScalar]
+    reply: bool = True
 
     def __len__(self) -> int:
         return len(self.topics)
@@ -183,7 +189,7 @@ class Publishes:
         for topic, payload, mode, rid in zip(
             self.topics, self.payloads, self.modes, self.ids, strict=True
         ):
-            yield Publish(topic, payload, mode, rid)
+            yield Publish(topic, payload, mode, rid, self.reply)
 
 
 @dataclass(slots=True)

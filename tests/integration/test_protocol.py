@@ -52,6 +52,25 @@ async def test_pubsub_fan_out_in_order(broker: BrokerProcess) -> None:
     await publisher.close()
 
 
+@pytest.mark.parametrize("lone", [False, True], ids=["pipelined", "one-at-a-time"])
+async def test_publishes_that_ask_for_no_reply_are_delivered_unanswered(
+    broker: BrokerProcess, lone: bool
+) -> None:
+    subscriber = await Raw.connect(broker.port)
+    assert (await subscriber.request(subscribe("news")))["type"] == "ack"
+    publisher = await Raw.connect(broker.port)
+    for n in range(20):
+        await publisher.send(publish("news", n, reply=False))
+        if lone:  # each its own read: the broker's one-line path
+            assert (await subscriber.recv())["message"] == n
+    # Nothing came back for them: the first frame the publisher gets is the pong.
+    assert await publisher.request({"action": "ping"}) == {"type": "pong"}
+    if not lone:
+        assert [m["message"] for m in await subscriber.recv_n(20)] == list(range(20))
+    await subscriber.close()
+    await publisher.close()
+
+
 async def test_an_auto_ack_consumer_gets_more_than_its_prefetch(broker: BrokerProcess) -> None:
     # With ack "auto" a delivery counts as taken once the socket took it: each write
     # that went through must let the broker hand out more, or the consumer stalls at

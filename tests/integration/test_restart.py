@@ -220,3 +220,36 @@ async def test_a_broker_process_without_a_data_dir_keeps_one_of_its_own(
         assert message["message"] == "kept"
     assert not data_dir.exists()
     assert not (tmp_path / ".msg_data").exists()
+
+
+async def test_publishes_without_replies_are_stored_once_a_later_request_is_answered(
+    data_dir: Path,
+) -> None:
+    # A reply comes only after every earlier request is done, so a ping after
+    # publishes that asked for no reply answers once they are on disk.
+    broker = BrokerProcess(data_dir)
+    broker.start()
+    try:
+        publisher = await Raw.connect(broker.port)
+        count = 2000
+        await publisher.send(
+            *({**publish("jobs", n, "queue"), "reply": False} for n in range(count)),
+            {"action": "publish", "topic": "bad name", "message": 0, "reply": False, "id": 1},
+            {"action": "ping", "id": 2},
+        )
+        error = await publisher.recv()
+        assert (error["type"], error["code"], error["id"], error["reply"]) == (
+            "error",
+            "invalid_topic",
+            1,
+            False,
+        )
+        assert await publisher.recv() == {"type": "pong", "id": 2}
+        broker.kill()
+        await publisher.close()
+
+        broker.start()
+        messages = await drain_queue(broker.port, "jobs", count)
+        assert [m["message"] for m in messages] == list(range(count))
+    finally:
+        broker.kill()

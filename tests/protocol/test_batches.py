@@ -31,6 +31,10 @@ ODD = [
     b'{"action":"publish","topic":"orders","mode":null,"message":1}',
     b'{"action":"publish","topic":"orders","id":null,"message":1}',
     b'{"action":"publish","topic":"orders","message":1,"extra":2}',
+    b'{"action":"publish","topic":"orders","reply":null,"message":1}',
+    b'{"action":"publish","topic":"orders","reply":0,"message":1}',
+    b'{"action":"publish","topic":"orders","reply":"no","message":1}',
+    b'{"action":"publish","topic":"orders","reply":false,"message":1}',
     b'{"action":"publish","topic":["orders"],"message":1}',
     b'{"action":"publish","topic":"orders","mode":["queue"],"message":1}',
     b'{"action":"publish","topic":"orders","mode":"fanout","message":1}',
@@ -107,6 +111,42 @@ def test_one_odd_line_among_publishes_reads_as_line_by_line(odd: bytes) -> None:
     batches = RequestReader().feed_batches(b"\n".join(lines) + b"\n")
     assert isinstance(batches[0], Publishes)
     assert isinstance(batches[-1], Publishes)
+
+
+# Publishes that asked for no reply: a batch holds only such publishes, or none.
+QUIET = [
+    b'{"action":"publish","topic":"orders","reply":false,"message":{"n":1}}',
+    b'{"action":"publish","topic":"orders","mode":"queue","reply":false,"message":[1]}',
+    b'{"reply":false,"id":3,"message":null,"topic":"audit","action":"publish"}',
+    b'{"action":"publish","topic":"orders","message":"x","reply":false,"id":"r"}',
+]
+
+
+def test_a_read_of_publishes_that_ask_for_no_reply_is_one_batch() -> None:
+    lines = QUIET * 50
+    batches = RequestReader().feed_batches(b"\n".join(lines) + b"\n")
+    assert len(batches) == 1
+    batch = batches[0]
+    assert isinstance(batch, Publishes)
+    assert batch.reply is False
+    assert list(batch) == one_at_a_time(lines)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["default", "reply-true"])
+def test_publishes_asking_and_not_asking_for_replies_come_as_separate_batches(
+    explicit: bool,
+) -> None:
+    asking = b'{"action":"publish","topic":"orders","message":1%s}' % (
+        b',"reply":true' if explicit else b""
+    )
+    lines = [asking, asking, *QUIET, *QUIET, asking]
+    batches = RequestReader().feed_batches(b"\n".join(lines) + b"\n")
+    assert [(type(b), getattr(b, "reply", None), len(b)) for b in batches] == [  # type: ignore[arg-type]
+        (Publishes, True, 2),
+        (Publishes, False, 8),
+        (Publishes, True, 1),
+    ]
+    assert [f for b in batches for f in b] == one_at_a_time(lines)  # type: ignore[union-attr]
 
 
 def test_publishes_and_acks_come_as_runs_in_order() -> None:
@@ -186,6 +226,22 @@ NOT_CANONICAL = [
 
 PREFIX = b'{"action":"publish","topic":"orders","message":'
 
+QUIET_PREFIX = b'{"action":"publish","topic":"orders","reply":false,"message":'
+SHAPED_QUIET = [QUIET_PREFIX + line[len(PREFIX) :] for line in SHAPED]
+SHAPED_QUIET_WITH_IDS = [
+    QUIET_PREFIX + message + b',"id":%d}' % n
+    for n, message in enumerate((b"1", b'"x"', b'{"a":[1,2]}', b"null"))
+]
+# Lines a client asking for no reply could send among its shaped ones.
+NOT_CANONICAL_QUIET = [
+    PREFIX + b'1,"reply":false}',
+    QUIET_PREFIX[:-1] + b" 1}",
+    b'{"action":"publish","topic":"orders","reply":true,"message":1}',
+    b'{"action":"publish","topic":"orders","reply": false,"message":1}',
+    QUIET_PREFIX + b'1,"reply":true}',
+    QUIET_PREFIX + b'1,"id":2,"reply":true}',
+]
+
 # Lines each invalid alone that would make valid requests if the reader joined them:
 # it must not.
 SPLICED = [
@@ -264,6 +320,8 @@ def fed_in_pieces(lines: list[bytes], seed: int) -> list[Request | RequestError]
         (SHAPED_ACKS, Acks),
         (SHAPED_WITH_IDS, Publishes),
         (SHAPED_ACKS_WITH_IDS, Acks),
+        (SHAPED_QUIET, Publishes),
+        (SHAPED_QUIET_WITH_IDS, Publishes),
     ],
 )
 def test_a_read_of_shaped_lines_is_one_batch_read_as_line_by_line(
@@ -305,6 +363,9 @@ ODD_AMONG_SHAPED = (
     + [(SHAPED_ACKS, odd) for odd in NOT_CANONICAL_ACKS]
     + [(SHAPED_WITH_IDS, odd) for odd in NOT_CANONICAL_IDS]
     + [(SHAPED_ACKS_WITH_IDS, odd) for odd in NOT_CANONICAL_IDS]
+    + [(SHAPED, odd) for odd in NOT_CANONICAL_QUIET]
+    + [(SHAPED_QUIET, odd) for odd in NOT_CANONICAL_QUIET + NOT_CANONICAL[:6]]
+    + [(SHAPED_QUIET_WITH_IDS, odd) for odd in NOT_CANONICAL_QUIET + NOT_CANONICAL_IDS]
 )
 
 
@@ -334,7 +395,9 @@ def test_lines_invalid_alone_are_not_joined_into_valid_ones(
 @pytest.mark.parametrize("seed", range(20))
 def test_reads_cut_anywhere_read_as_line_by_line(seed: int) -> None:
     pool = SHAPED * 6 + SHAPED_ACKS * 6 + SHAPED_WITH_IDS * 6 + SHAPED_ACKS_WITH_IDS * 6
+    pool += SHAPED_QUIET * 6 + SHAPED_QUIET_WITH_IDS * 6
     pool += NOT_CANONICAL + NOT_CANONICAL_ACKS + NOT_CANONICAL_IDS + SPLICED + ODD
+    pool += NOT_CANONICAL_QUIET + QUIET
     # Not a line that starts with a whole object and goes on: a read cut right after
     # that object takes it as a request (the codec's concession to clients that send
     # no newline), which is what it would be were the rest not sent.
@@ -357,6 +420,9 @@ def test_an_overlong_shaped_line_is_an_error_in_its_place() -> None:
     + SHAPED_ACKS
     + SHAPED_WITH_IDS
     + SHAPED_ACKS_WITH_IDS
+    + SHAPED_QUIET
+    + SHAPED_QUIET_WITH_IDS
+    + NOT_CANONICAL_QUIET
     + NOT_CANONICAL
     + NOT_CANONICAL_ACKS
     + NOT_CANONICAL_IDS

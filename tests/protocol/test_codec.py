@@ -12,7 +12,7 @@ from typing import Any, Final, cast
 
 import pytest
 
-from msg.protocol.codec import RequestReader, encode_request, parse_request
+from msg.protocol.codec import RequestReader, encode_error, encode_request, parse_request
 from msg.protocol.codes import ErrorCode
 from msg.protocol.frames import (
     DEFAULT_PREFETCH,
@@ -137,6 +137,11 @@ CANONICAL: Final = [
         b'{"action":"publish","topic":"t","message":-9223372036854775808}',
         Publish("t", b"-9223372036854775808"),
         id="publish-message-min-int64",
+    ),
+    pytest.param(
+        b'{"action":"publish","topic":"t","reply":false,"message":1}',
+        Publish("t", b"1", reply=False),
+        id="publish-no-reply",
     ),
     pytest.param(
         b'{"action":"publish","topic":"a.b/c/../d\\\\e","message":1}',
@@ -1101,6 +1106,65 @@ def test_error_echoes_what_it_can(line: bytes, error: RequestError) -> None:
     assert isinstance(got, RequestError)
     assert (got.code, got.id, got.message_id) == (error.code, error.id, error.message_id)
     assert type(got.id) is type(error.id)
+    assert got.reply is True
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        pytest.param(
+            b'{"action":"publish","id":3,"topic":"a b","reply":false,"message":1}',
+            ErrorCode.INVALID_TOPIC,
+            id="invalid-topic",
+        ),
+        pytest.param(
+            b'{"action":"publish","id":3,"topic":"t","reply":false}',
+            ErrorCode.BAD_REQUEST,
+            id="no-message",
+        ),
+        pytest.param(
+            b'{"action":"publish","id":3,"topic":"t","reply":false,"message":1,"x":1}',
+            ErrorCode.BAD_REQUEST,
+            id="unknown-field",
+        ),
+        pytest.param(
+            b'{"action":"publish","id":3,"topic":"t","mode":"x","reply":false,"message":1}',
+            ErrorCode.BAD_REQUEST,
+            id="bad-mode",
+        ),
+    ],
+)
+def test_error_of_a_publish_that_asked_for_no_reply_says_so(line: bytes, code: ErrorCode) -> None:
+    # Else a client that counts replies would take it for its next request's.
+    [got] = read(line)
+    assert isinstance(got, RequestError)
+    assert (got.code, got.id, got.reply) == (code, 3, False)
+    assert json.loads(encode_error(got.code, got.text, got.id, got.message_id, got.reply)) == {
+        "type": "error",
+        "id": 3,
+        "reply": False,
+        "error": got.text,
+        "code": code.value,
+    }
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param(b'{"action":"publish","topic":"t","reply":null,"message":1}', id="null"),
+        pytest.param(b'{"action":"publish","topic":"t","reply":0,"message":1}', id="zero"),
+        pytest.param(b'{"action":"publish","topic":"t","reply":"false","message":1}', id="string"),
+        pytest.param(b'{"action":"subscribe","topic":"t","reply":false}', id="not-a-publish"),
+        pytest.param(b'{"action":"ping","reply":false}', id="ping"),
+    ],
+)
+def test_reply_is_a_publish_boolean(line: bytes) -> None:
+    # Only a publish may ask for no reply, and only with false: anything else is an
+    # error answered like any other (a client that asked otherwise gets its reply).
+    [got] = read(line)
+    assert isinstance(got, RequestError)
+    assert got.code is ErrorCode.BAD_REQUEST
+    assert got.reply is True
 
 
 # ---------------------------------------------------------------------------

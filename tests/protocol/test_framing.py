@@ -15,7 +15,7 @@ import pytest
 from msg.protocol import codec
 from msg.protocol.codec import (
     DEFAULT_MAX_LINE_BYTES,
-    LINE_TOO_LONG,
+    TOO_LONG_HEAD_BYTES,
     LineBuffer,
     LineTooLong,
     RequestReader,
@@ -250,6 +250,9 @@ def test_object_completed_after_failed_tries_is_read_early() -> None:
 # The size cap
 
 LIMIT: Final = 64
+X65: Final = b"x" * (LIMIT + 1)
+X100: Final = b"x" * 100
+TooLong = LineTooLong
 
 
 def request_of_length(length: int) -> bytes:
@@ -324,7 +327,10 @@ def test_buffer_never_holds_more_than_the_limit(size: int) -> None:
     for chunk in _chunks(b"y" * 5000, size):
         out += lines.feed(chunk)
         assert len(lines.partial) <= LIMIT
-    assert out == [LINE_TOO_LONG]
+    [too_long] = out
+    assert isinstance(too_long, LineTooLong)
+    assert too_long.head == b"y" * len(too_long.head)
+    assert LIMIT < len(too_long.head) <= LIMIT + size
     assert lines.feed(b"still the same line") == []
     assert lines.partial == b""
     assert lines.feed(b"end\nnext\npart") == [b"next"]
@@ -336,21 +342,26 @@ def test_buffer_never_holds_more_than_the_limit(size: int) -> None:
     [
         pytest.param([b"x" * LIMIT + b"\n"], [b"x" * LIMIT], id="at-limit"),
         pytest.param([b"x" * 40, b"x" * 24, b"\n"], [b"x" * LIMIT], id="at-limit-in-pieces"),
-        pytest.param([b"x" * (LIMIT + 1) + b"\nok\n"], [LINE_TOO_LONG, b"ok"], id="over-in-chunk"),
-        pytest.param([b"x" * 60, b"xxxxx\nok\n"], [LINE_TOO_LONG, b"ok"], id="over-when-completed"),
+        pytest.param([X65 + b"\nok\n"], [TooLong(X65), b"ok"], id="over-in-chunk"),
+        pytest.param([b"x" * 60, b"xxxxx\nok\n"], [TooLong(X65), b"ok"], id="over-when-completed"),
         pytest.param(
-            [b"x" * 60, b"xxxxx", b"xx\nok\n"], [LINE_TOO_LONG, b"ok"], id="over-while-partial"
+            [b"x" * 60, b"xxxxx", b"xx\nok\n"], [TooLong(X65), b"ok"], id="over-while-partial"
         ),
-        pytest.param([b"a\n" + b"x" * 100], [b"a", LINE_TOO_LONG], id="over-in-tail"),
+        pytest.param([b"a\n" + X100], [b"a", TooLong(X100)], id="over-in-tail"),
         pytest.param(
-            [b"x" * 100, b"yyy", b"zz\nok\n"], [LINE_TOO_LONG, b"ok"], id="discard-across-reads"
+            [X100, b"yyy", b"zz\nok\n"], [TooLong(X100), b"ok"], id="discard-across-reads"
         ),
         pytest.param(
-            [b"x" * 100 + b"\n" + b"y" * 100 + b"\nok\n"],
-            [LINE_TOO_LONG, LINE_TOO_LONG, b"ok"],
+            [X100 + b"\n" + b"y" * 100 + b"\nok\n"],
+            [TooLong(X100), TooLong(b"y" * 100), b"ok"],
             id="two-overlong-lines",
         ),
-        pytest.param([b"x" * 100, b"\n", b"\n", b"ok\n"], [LINE_TOO_LONG, b"ok"], id="blank-after"),
+        pytest.param([X100, b"\n", b"\n", b"ok\n"], [TooLong(X100), b"ok"], id="blank-after"),
+        pytest.param(
+            [b"z" * (TOO_LONG_HEAD_BYTES + 10) + b"\n"],
+            [TooLong(b"z" * TOO_LONG_HEAD_BYTES)],
+            id="head-is-capped",
+        ),
         pytest.param([b"a\r\n", b"\n", b" \n", b"b"], [b"a\r", b" "], id="keeps-cr-drops-empty"),
     ],
 )
@@ -376,6 +387,51 @@ def test_line_buffer_needs_a_positive_limit(limit: int) -> None:
         LineBuffer(limit)
 
 
-def test_line_too_long_marker() -> None:
-    assert repr(LINE_TOO_LONG) == "LINE_TOO_LONG"
-    assert isinstance(LINE_TOO_LONG, LineTooLong)
+def test_line_too_long_keeps_the_head_of_the_line() -> None:
+    assert LineTooLong(b"ab").head == b"ab"
+    assert LineTooLong(b"ab") == LineTooLong(b"ab") != LineTooLong(b"a")
+
+
+QUIET_HEAD = b'{"action":"publish","topic":"logs","reply":false,"message":"'
+
+
+@pytest.mark.parametrize(
+    ("head", "reply"),
+    [
+        pytest.param(QUIET_HEAD, False, id="no-reply"),
+        pytest.param(
+            b'{"action":"publish","topic":"a b","reply":false,"message":"', False, id="bad"
+        ),
+        pytest.param(b'{"action":"publish","topic":"logs","message":"', True, id="reply"),
+        pytest.param(
+            b'{"action":"publish","topic":"logs","reply":true,"message":"', True, id="true"
+        ),
+        pytest.param(b'{"action":"ping","reply":false,"message":"', True, id="not-a-publish"),
+        pytest.param(b'{"message":"', True, id="no-action"),
+        pytest.param(b'"', True, id="not-json"),
+    ],
+)
+@pytest.mark.parametrize("chunk", [50, 10_000], ids=["overflows-while-partial", "whole"])
+def test_an_overlong_publish_that_asked_for_no_reply_is_refused_saying_so(
+    head: bytes, reply: bool, chunk: int
+) -> None:
+    # Its error must be told from the reply to the client's next request; the broker
+    # can tell if "reply" comes before the message, as msg's client writes it.
+    reader = RequestReader(LIMIT)
+    stream = head + b"x" * 500 + b'","id":4}\n{"action":"ping"}\n'
+    out: list[Request | RequestError] = []
+    for piece in _chunks(stream, chunk):
+        out += reader.feed(piece)
+    assert len(out) == 2
+    assert_too_large(out[0])
+    assert cast(RequestError, out[0]).reply is reply
+    assert_frames(out[1:], [Ping()])
+
+
+def test_an_overlong_line_with_reply_after_its_message_is_answered_as_usual() -> None:
+    reader = RequestReader(LIMIT)
+    [error] = reader.feed(
+        b'{"action":"publish","topic":"t","message":"' + b"x" * 99 + b'","reply":false}\n'
+    )
+    assert_too_large(error)
+    assert cast(RequestError, error).reply is True
