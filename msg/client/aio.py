@@ -16,13 +16,31 @@ and waits for the socket to drain once. No caller ever waits for one reply befor
 sending the next request: the broker answers in request order and the client
 matches replies by id.
 
+Publishes that ask for no reply. ``publish(..., reply=False)`` and
+``publish_many(..., reply=False)`` send ``"reply": false``: the broker stores the
+message and sends nothing back, so the call returns once the request is queued for
+writing. It still takes an id from the counter (an error names it), but enters
+nothing in ``pending``: no reply will come to clear an entry, so the client keeps no
+state per message. Errors are still answered, marked ``"reply": false``, and go to
+the client's ``error_callback`` as a
+:class:`~msg.client.errors.PublishRefusedError`, never to a waiting caller. The
+broker answers in request order, so the reply to any later request means every
+earlier no-reply publish has been handled: :meth:`Client.flush` is a ``ping`` for
+that. With no reply to wait for, nothing else would pace a loop of them (and one
+whose calls never suspend would never let the queued writes go out): so each first
+waits, while the transport's write buffer is over its high-water mark, for the
+socket to take it, and queued requests are written once they reach ``_FLUSH_BYTES``
+rather than at the end of the loop iteration. Such a loop buffers at most about the
+high-water mark plus ``_FLUSH_BYTES``.
+
 Replies. One reader task per connection reads the socket, cuts lines with the
 protocol's :class:`~msg.protocol.codec.LineBuffer`, decodes each with
 :func:`~msg.protocol.codec.decode_reply`, and either routes a delivery
 (``"type": "message"``) to its :class:`Subscription` by ``(mode, topic)``, or pops
 the reply's id from ``pending`` and resolves that caller's future. A reply without
 an id (the broker could not read the request, e.g. a line over its size limit) is
-the answer to the oldest pending request, since replies come in request order.
+the answer to the oldest pending request, since replies come in request order. A
+reply marked ``"reply": false`` is never matched with ``pending``.
 
 Cancellation safety. A caller that is cancelled (or times out) while waiting leaves
 its ``pending`` entry in place: its reply will still arrive, be matched by its own
@@ -67,10 +85,13 @@ live subscription in the same write (durable ones resume from their stored curso
 ``durable_in_use``, seen while the broker has not yet noticed the old connection is
 gone, fails the attempt a few times before the subscription is given up). Requests
 that were in flight fail with :class:`~msg.errors.ConnectionClosedError`: whether the
-broker acted on them is unknown. Requests made while reconnecting wait for the new
-connection (within their ``request_timeout``). Manual-ack messages from the old
-connection are gone from the broker's point of view: those still queued are
-discarded (the broker delivers them again), and acking one already taken raises
+broker acted on them is unknown. So are no-reply publishes sent after the last reply
+the lost connection brought: nobody waits on them, so nothing fails, but the next
+:meth:`Client.flush` raises ``ConnectionClosedError`` to say some may be lost.
+Requests made while reconnecting wait for the new connection (within their
+``request_timeout``). Manual-ack messages from the old connection are gone from the
+broker's point of view: those still queued are discarded (the broker delivers them
+again), and acking one already taken raises
 :class:`~msg.client.errors.StaleMessageError`. After ``max_reconnect_attempts``
 failures in a row the client closes, and its subscriptions end with the error.
 """
@@ -84,7 +105,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, overload
 
 from msg import jsonlib
 from msg.client.backoff import Backoff
@@ -93,6 +114,7 @@ from msg.client.errors import (
     ConnectFailedError,
     ConnectionClosedError,
     MsgError,
+    PublishRefusedError,
     RemoteError,
     RequestTimeoutError,
     StaleMessageError,
@@ -136,6 +158,11 @@ _READ_BYTES: Final = 64 * 1024
 # number of queues. 64 MiB matches the broker's own slow-consumer limit: a single line
 # longer than that means the peer is broken, not busy.
 _MAX_REPLY_BYTES: Final = 64 * 1024 * 1024
+# Bytes of no-reply requests queued before they are written at once rather than at the
+# end of the loop iteration: a loop of them that never yields would otherwise queue
+# without bound. asyncio's default write-buffer high-water mark; a write that size is
+# already large enough that one more system call per chunk costs nothing noticeable.
+_FLUSH_BYTES: Final = 64 * 1024
 # How many consecutive reconnect attempts may fail on durable_in_use before the
 # subscription is given up: the broker notices a dead connection within a round trip
 # or two when the network is up; a longer conflict is another client using the name.
@@ -143,6 +170,7 @@ _MAX_IN_USE_ATTEMPTS: Final = 3
 
 AckArg = AckMode | Literal["auto", "manual"]
 Reply = dict[str, Any]
+ErrorCallback = Callable[[PublishRefusedError], object]
 
 
 class _Call:
@@ -206,7 +234,16 @@ class _Connection:
         """Request id -> (call, index in the call). Insertion order is request order."""
         self.farewell: Reply | None = None
         """An error the broker sent about the connection itself (before closing it)."""
+        # Ids are taken and written in one step, so on one connection they rise in
+        # write order; replies come in request order. So every no-reply request is
+        # accounted for once a reply with an id at least ``unreplied`` has come.
+        self.unreplied = 0
+        """The id of the latest no-reply request written on this connection."""
+        self.answered = 0
+        """The highest request id that a reply has come for."""
         self._out: list[bytes] = []
+        self._out_bytes = 0
+        """Bytes of no-reply requests in ``_out`` (see _FLUSH_BYTES)."""
         self._flush_handle: asyncio.Handle | None = None
         self.task = asyncio.create_task(
             self._read_loop(), name=f"msg-client-reader-{client.address}-{generation}"
@@ -227,6 +264,24 @@ class _Connection:
         elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
 
+    def post(self, lines: list[bytes], last_id: int, *, now: bool) -> None:
+        """Queue requests that ask for no reply (nothing enters ``pending``);
+        ``last_id`` is the highest of their ids."""
+        if not self.alive:
+            raise ConnectionClosedError(f"the connection to {self.client.address} is closed")
+        self.unreplied = last_id
+        self._out.extend(lines)
+        self._out_bytes += len(lines[0]) if len(lines) == 1 else sum(map(len, lines))
+        if now or self._out_bytes >= _FLUSH_BYTES:
+            self.flush()
+        elif self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+
+    def congested(self) -> bool:
+        """Whether the transport holds bytes the socket has not taken (then ``drain``
+        may have to wait)."""
+        return self.writer.transport.get_write_buffer_size() > 0
+
     def flush(self) -> None:
         """Write everything queued, in one write."""
         if self._flush_handle is not None:
@@ -235,6 +290,7 @@ class _Connection:
         if self._out and self.alive:
             out = self._out
             self._out = []
+            self._out_bytes = 0
             self.writer.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def drain(self) -> None:
@@ -300,6 +356,13 @@ class _Connection:
     def _on_reply(self, reply: Reply) -> None:
         pending = self.pending
         rid = reply.get("id")
+        if reply.get("reply") is False:
+            # The answer to a request that asked for none (an error): never a pending
+            # caller's, which it would be taken for below if it had no id.
+            if type(rid) is int and rid > self.answered:
+                self.answered = rid
+            self.client._refused(reply)
+            return
         if rid is None:
             if not pending:
                 # Not an answer to anything: the broker says why it is about to close
@@ -312,6 +375,8 @@ class _Connection:
         if entry is None:
             log.debug("client %s: reply to unknown request id %r", self.client.address, rid)
             return
+        if rid > self.answered:
+            self.answered = rid
         call, index = entry
         call.resolve(index, reply)
 
@@ -324,7 +389,10 @@ class _Connection:
             self._flush_handle.cancel()
             self._flush_handle = None
         self._out.clear()
+        self._out_bytes = 0
         detail = _describe(reason, self.farewell)
+        if self.unreplied > self.answered:
+            self.client._unreplied_lost(detail)
         calls = {id(call): call for call, _ in self.pending.values()}
         self.pending.clear()
         for call in calls.values():
@@ -389,6 +457,11 @@ class Client:
     - ``max_reconnect_attempts`` (60; None: forever): consecutive failed attempts
       before giving up.
     - ``backoff``: the delay between attempts (default :class:`Backoff`()).
+    - ``error_callback`` (None: log a warning): called with a
+      :class:`~msg.client.errors.PublishRefusedError` when the broker refuses a
+      publish sent with ``reply=False``. It runs in the connection's reader, so it
+      must return quickly and not block (start a task for anything slow); what it
+      raises is logged and otherwise ignored.
 
     The first connection is not retried: if it fails, :meth:`connect` raises
     :class:`~msg.client.errors.ConnectFailedError`.
@@ -404,6 +477,7 @@ class Client:
         reconnect: bool = True,
         max_reconnect_attempts: int | None = DEFAULT_MAX_RECONNECT_ATTEMPTS,
         backoff: Backoff | None = None,
+        error_callback: ErrorCallback | None = None,
     ) -> None:
         if not connect_timeout > 0:
             raise ValueError("connect_timeout must be positive")
@@ -418,6 +492,8 @@ class Client:
         self.reconnect = reconnect
         self.max_reconnect_attempts = max_reconnect_attempts
         self.backoff = backoff if backoff is not None else Backoff()
+        self.error_callback = error_callback
+        """Called with each refused no-reply publish (None: logged as a warning)."""
         self.reconnects = 0
         """How many times the client has reconnected."""
         self._state: Literal["new", "open", "closing", "closed"] = "new"
@@ -430,6 +506,9 @@ class Client:
         self._final_error: BaseException | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._in_use_failures = 0
+        # Connections lost with no-reply publishes unaccounted for, since the last
+        # flush() that reported them.
+        self._unreplied_losses = 0
         # Flow control (see the module docstring): how many callers wait on the
         # connection, and the subscription the reader holds back for, if any.
         self._waiters = 0
@@ -447,6 +526,7 @@ class Client:
         reconnect: bool = True,
         max_reconnect_attempts: int | None = DEFAULT_MAX_RECONNECT_ATTEMPTS,
         backoff: Backoff | None = None,
+        error_callback: ErrorCallback | None = None,
     ) -> Client:
         """Connect to the broker at ``host``:``port``; see the class for the options."""
         client = cls(
@@ -457,6 +537,7 @@ class Client:
             reconnect=reconnect,
             max_reconnect_attempts=max_reconnect_attempts,
             backoff=backoff,
+            error_callback=error_callback,
         )
         await client._start()
         return client
@@ -494,20 +575,63 @@ class Client:
 
     # -- requests -----------------------------------------------------------------
 
-    async def publish(self, topic: str, message: Any, *, queue: bool = False) -> str:
+    @overload
+    async def publish(
+        self, topic: str, message: Any, *, queue: bool = False, reply: Literal[True] = True
+    ) -> str: ...
+    @overload
+    async def publish(
+        self, topic: str, message: Any, *, queue: bool = False, reply: Literal[False]
+    ) -> None: ...
+    @overload
+    async def publish(
+        self, topic: str, message: Any, *, queue: bool = False, reply: bool
+    ) -> str | None: ...
+    async def publish(
+        self, topic: str, message: Any, *, queue: bool = False, reply: bool = True
+    ) -> str | None:
         """Publish ``message`` (any JSON value) to a topic, or to a queue if ``queue``.
 
         Returns the message id once the broker has stored the message. Concurrent
         calls share the connection without waiting for each other's acks.
+
+        ``reply=False`` asks the broker for no reply: returns None as soon as the
+        request is queued for writing (after waiting, within ``request_timeout``, for a
+        connection while reconnecting, or for the socket to take what is already
+        queued; a :class:`~msg.errors.RequestTimeoutError` then means nothing was
+        sent). The message is stored and delivered like any other. If the broker
+        refuses it, the error goes to the client's ``error_callback``; :meth:`flush`
+        waits until every such publish has been handled. If the connection is lost
+        first, whether the broker got it is unknown (the next :meth:`flush` says so).
         """
-        (reply,) = await self._exchange(
+        if not reply:
+            await self._post(lambda ids: [_publish_line(ids[0], topic, message, queue, False)], 1)
+            return None
+        (answer,) = await self._exchange(
             lambda ids: [_publish_line(ids[0], topic, message, queue)], 1
         )
-        return _message_id(reply)
+        return _message_id(answer)
 
+    @overload
     async def publish_many(
-        self, topic: str, messages: Iterable[Any], *, queue: bool = False
-    ) -> list[str]:
+        self,
+        topic: str,
+        messages: Iterable[Any],
+        *,
+        queue: bool = False,
+        reply: Literal[True] = True,
+    ) -> list[str]: ...
+    @overload
+    async def publish_many(
+        self, topic: str, messages: Iterable[Any], *, queue: bool = False, reply: Literal[False]
+    ) -> None: ...
+    @overload
+    async def publish_many(
+        self, topic: str, messages: Iterable[Any], *, queue: bool = False, reply: bool
+    ) -> list[str] | None: ...
+    async def publish_many(
+        self, topic: str, messages: Iterable[Any], *, queue: bool = False, reply: bool = True
+    ) -> list[str] | None:
         """Publish every message of ``messages`` in one write; return their ids in order.
 
         The batch is pipelined: all requests are written at once, then the client
@@ -515,8 +639,22 @@ class Client:
         applies to the whole batch. If the broker refuses some, raises
         :class:`~msg.client.errors.BatchPublishError`, whose ``results`` say which
         were stored.
+
+        ``reply=False``: as for :meth:`publish`, the batch is written at once and the
+        call returns None; refusals go to ``error_callback``, one per message.
         """
         items = list(messages)
+        if not reply:
+            if items:
+                await self._post(
+                    lambda ids: [
+                        _publish_line(rid, topic, item, queue, False)
+                        for rid, item in zip(ids, items, strict=True)
+                    ],
+                    len(items),
+                    now=True,
+                )
+            return None
         if not items:
             return []
         replies = await self._exchange(
@@ -528,9 +666,9 @@ class Client:
         )
         results: list[str | RemoteError] = []
         failed = False
-        for reply in replies:
+        for answer in replies:
             try:
-                results.append(_message_id(reply))
+                results.append(_message_id(answer))
             except RemoteError as exc:
                 results.append(exc)
                 failed = True
@@ -648,6 +786,25 @@ class Client:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"expected a pong, got {reply!r:.200}")
         return loop.time() - started
 
+    async def flush(self) -> None:
+        """Return once the broker has handled every request this client sent before.
+
+        A ``ping`` round trip: the broker answers in request order, so by its reply
+        every earlier publish sent with ``reply=False`` is stored (as durably as the
+        broker's fsync policy makes any publish before its ack) or its error has gone
+        to ``error_callback``. Raises :class:`~msg.errors.ConnectionClosedError` if,
+        since the previous flush, a connection was lost while some no-reply publishes
+        on it were not yet accounted for: whether those were stored is unknown.
+        """
+        await self.ping()
+        lost, self._unreplied_losses = self._unreplied_losses, 0
+        if lost:
+            raise ConnectionClosedError(
+                f"the connection to {self.address} was lost ({lost} times since the "
+                "previous flush) with publishes sent with reply=False in flight; whether "
+                "the broker stored them is unknown"
+            )
+
     async def status(self) -> dict[str, Any]:
         """The broker's status reply: version, uptime, connections, rates, totals,
         and per queue and topic their depth, consumers and counters."""
@@ -744,6 +901,79 @@ class Client:
                     f"no reply from {self.address} within {self.request_timeout} s"
                 ) from None
             raise
+
+    async def _post(
+        self, build: Callable[[list[int]], list[bytes]], count: int, *, now: bool = False
+    ) -> None:
+        """Queue ``count`` requests built by ``build(ids)`` that ask for no reply.
+
+        Waits (within ``request_timeout``) for a connection, and for the socket to
+        take what is already queued when the transport's buffer is full: nothing else
+        paces a loop of these (see the module docstring).
+        """
+        scope = asyncio.timeout(self.request_timeout)
+        try:
+            async with scope:
+                conn = await self._connection()
+                if conn.congested():
+                    # Counted as a waiter, so the reader goes on reading meanwhile (see
+                    # _room_for): the broker may be waiting to write to this client
+                    # before it reads more.
+                    self._wait_begins()
+                    try:
+                        await conn.drain()  # returns at once unless the buffer is full
+                    finally:
+                        self._wait_ends()
+                    conn = await self._connection()  # lost meanwhile: the next one
+                ids = list(itertools.islice(self._ids, count))
+                lines = build(ids)  # may raise (a value JSON cannot hold): nothing sent yet
+                conn.post(lines, ids[-1], now=now)
+        except TimeoutError:
+            if scope.expired():
+                raise RequestTimeoutError(
+                    f"could not send to {self.address} within {self.request_timeout} s "
+                    "(no connection, or the broker is not reading); nothing was sent"
+                ) from None
+            raise
+
+    def _refused(self, reply: Reply) -> None:
+        """Reader: the broker refused a request that asked for no reply."""
+        if reply.get("type") != "error":
+            log.debug("client %s: unexpected reply %r", self.address, reply)
+            return
+        error = PublishRefusedError(
+            str(reply.get("code", "unknown")), str(reply.get("error", "")), reply
+        )
+        callback = self.error_callback
+        if callback is None:
+            log.warning(
+                "client %s: publish (request id %s) refused: %s",
+                self.address,
+                error.request_id,
+                error,
+            )
+            return
+        try:
+            callback(error)
+        except Exception:
+            # The application's bug, not the connection's: the reader goes on.
+            log.exception(
+                "client %s: error_callback failed on %s (request id %s)",
+                self.address,
+                error,
+                error.request_id,
+            )
+
+    def _unreplied_lost(self, detail: str) -> None:
+        """A connection was lost with no-reply publishes not yet accounted for."""
+        self._unreplied_losses += 1
+        if self._state == "open":
+            log.warning(
+                "client: connection to %s lost (%s) with publishes sent with reply=False "
+                "in flight; whether they were stored is unknown",
+                self.address,
+                detail,
+            )
 
     def _send_and_forget(self, action: str, **fields: Any) -> None:
         conn = self._conn
@@ -980,13 +1210,16 @@ class Client:
 # -- encoding and decoding helpers ---------------------------------------------------
 
 
-def _publish_line(rid: int, topic: str, message: Any, queue: bool) -> bytes:
+def _publish_line(rid: int, topic: str, message: Any, queue: bool, reply: bool = True) -> bytes:
     # Not encode_request: it leaves out None-valued fields, and null is a message. The
-    # message and the id last: a run of publishes then differs only in its last values,
-    # which the broker reads fastest (docs/protocol.md).
+    # message and the id last (and "reply" before them): a run of publishes then
+    # differs only in its last values, which the broker reads fastest
+    # (docs/protocol.md).
     request: dict[str, Any] = {"action": "publish", "topic": topic}
     if queue:
         request["mode"] = "queue"
+    if not reply:
+        request["reply"] = False
     request["message"] = message
     request["id"] = rid
     return jsonlib.dumps(request) + b"\n"

@@ -15,6 +15,7 @@ __all__ = [
     "ConnectFailedError",
     "ConnectionClosedError",
     "MsgError",
+    "PublishRefusedError",
     "ReceiveTimeoutError",
     "RemoteError",
     "RequestTimeoutError",
@@ -27,6 +28,23 @@ __all__ = [
 class ConnectFailedError(ConnectionClosedError):
     """No connection to the broker could be opened (refused, unreachable, timed out,
     or the peer did not answer the handshake like a msg broker)."""
+
+
+class PublishRefusedError(RemoteError):
+    """The broker refused a publish sent with ``reply=False``.
+
+    Nobody awaits such a publish, so this is not raised: the client hands it to its
+    ``error_callback`` (by default, logged as a warning). ``code`` and ``text`` are as
+    for any :class:`~msg.errors.RemoteError`; ``request_id`` is the id the client gave
+    the request (None if the broker could not read one), which tells refusals apart
+    and orders them among the client's other requests.
+    """
+
+    def __init__(self, code: str, text: str, reply: dict[str, object]) -> None:
+        super().__init__(code, text, reply)
+        rid = reply.get("id")
+        # The client only sends integer ids, which the broker echoes as they came.
+        self.request_id: int | None = rid if type(rid) is int else None
 
 
 class SubscriptionClosedError(MsgError):

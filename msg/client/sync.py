@@ -13,6 +13,10 @@ thread waits a little longer than that, so it can never hang on a stuck loop. If
 caller is interrupted (Ctrl-C) while waiting, the coroutine is cancelled on the loop,
 which the async client handles like any cancelled request: its reply is dropped.
 
+An ``error_callback`` (refused publishes sent with ``reply=False``) is called on the
+loop thread, not the thread that published: it must not block, and must guard what
+it shares with the application's threads.
+
 The thread is a daemon, so a script that forgets :meth:`SyncClient.close` still
 exits; closing it (or using ``with``) ends the connection politely.
 """
@@ -24,7 +28,7 @@ import concurrent.futures
 import threading
 from collections.abc import Coroutine, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar, overload
 
 from msg.client.aio import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -34,6 +38,7 @@ from msg.client.aio import (
     DEFAULT_REQUEST_TIMEOUT,
     AckArg,
     Client,
+    ErrorCallback,
 )
 from msg.client.backoff import Backoff
 from msg.client.errors import (
@@ -243,6 +248,7 @@ class SyncClient:
         reconnect: bool = True,
         max_reconnect_attempts: int | None = DEFAULT_MAX_RECONNECT_ATTEMPTS,
         backoff: Backoff | None = None,
+        error_callback: ErrorCallback | None = None,
     ) -> None:
         self._options: dict[str, Any] = {
             "connect_timeout": connect_timeout,
@@ -250,6 +256,7 @@ class SyncClient:
             "reconnect": reconnect,
             "max_reconnect_attempts": max_reconnect_attempts,
             "backoff": backoff,
+            "error_callback": error_callback,
         }
         self.host = host
         self.port = port
@@ -270,8 +277,10 @@ class SyncClient:
         reconnect: bool = True,
         max_reconnect_attempts: int | None = DEFAULT_MAX_RECONNECT_ATTEMPTS,
         backoff: Backoff | None = None,
+        error_callback: ErrorCallback | None = None,
     ) -> SyncClient:
-        """Connect to the broker at ``host``:``port`` (options as for :class:`Client`)."""
+        """Connect to the broker at ``host``:``port`` (options as for :class:`Client`;
+        ``error_callback`` runs on the client's loop thread)."""
         client = cls(
             host,
             port,
@@ -280,6 +289,7 @@ class SyncClient:
             reconnect=reconnect,
             max_reconnect_attempts=max_reconnect_attempts,
             backoff=backoff,
+            error_callback=error_callback,
         )
         client.open()
         return client
@@ -336,15 +346,54 @@ class SyncClient:
             timeout = None if self.request_timeout is None else self.request_timeout + _GRACE
         return thread.run(coro, timeout)
 
-    def publish(self, topic: str, message: Any, *, queue: bool = False) -> str:
-        """Publish ``message``; returns its id once stored. See :meth:`Client.publish`."""
-        return self._run(self.client.publish(topic, message, queue=queue))
+    @overload
+    def publish(
+        self, topic: str, message: Any, *, queue: bool = False, reply: Literal[True] = True
+    ) -> str: ...
+    @overload
+    def publish(
+        self, topic: str, message: Any, *, queue: bool = False, reply: Literal[False]
+    ) -> None: ...
+    @overload
+    def publish(
+        self, topic: str, message: Any, *, queue: bool = False, reply: bool
+    ) -> str | None: ...
+    def publish(
+        self, topic: str, message: Any, *, queue: bool = False, reply: bool = True
+    ) -> str | None:
+        """Publish ``message``; returns its id once stored, or (``reply=False``) None
+        once it is queued for writing. See :meth:`Client.publish`."""
+        return self._run(self.client.publish(topic, message, queue=queue, reply=reply))
 
+    @overload
     def publish_many(
-        self, topic: str, messages: Iterable[Any], *, queue: bool = False
-    ) -> list[str]:
-        """Publish a batch in one write; returns the ids. See :meth:`Client.publish_many`."""
-        return self._run(self.client.publish_many(topic, list(messages), queue=queue))
+        self,
+        topic: str,
+        messages: Iterable[Any],
+        *,
+        queue: bool = False,
+        reply: Literal[True] = True,
+    ) -> list[str]: ...
+    @overload
+    def publish_many(
+        self, topic: str, messages: Iterable[Any], *, queue: bool = False, reply: Literal[False]
+    ) -> None: ...
+    @overload
+    def publish_many(
+        self, topic: str, messages: Iterable[Any], *, queue: bool = False, reply: bool
+    ) -> list[str] | None: ...
+    def publish_many(
+        self, topic: str, messages: Iterable[Any], *, queue: bool = False, reply: bool = True
+    ) -> list[str] | None:
+        """Publish a batch in one write; returns the ids, or (``reply=False``) None.
+        See :meth:`Client.publish_many`."""
+        return self._run(self.client.publish_many(topic, list(messages), queue=queue, reply=reply))
+
+    def flush(self) -> None:
+        """Return once the broker has handled every request sent before (so every
+        earlier ``reply=False`` publish is stored or its error reported). See
+        :meth:`Client.flush`."""
+        self._run(self.client.flush())
 
     def subscribe(
         self,
