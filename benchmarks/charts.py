@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
 
 _LABELS = {
     "msg": "msg",
+    "msg-noreply": "msg (no reply per publish)",
     "msg-pure": "msg (no fast extra)",
     "relay": "ceiling relay",
     "relay-pure": "relay (stdlib)",
@@ -36,6 +37,7 @@ _LABELS = {
 }
 _COLORS = {
     "msg": "#d62728",
+    "msg-noreply": "#8c1c13",
     "msg-pure": "#ff9896",
     "relay": "#7f7f7f",
     "relay-pure": "#c7c7c7",

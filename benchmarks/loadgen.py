@@ -749,6 +749,10 @@ def run_latency(options: argparse.Namespace, driver: Driver) -> dict[str, Any]:
             "deliveries": progress,
             "rate_sent": round(sent / elapsed, 1) if elapsed > 0 else None,
             "warmup_skipped": skip,
+            # Error frames, as in the other workloads: a publish that asks for no reply
+            # (msg-noreply) is still answered when it fails.
+            "publish_errors": publisher.counter.errors,
+            "receive_errors": sum(r.errors for r in receivers),
             "first_error": first_error(publisher, receivers),
             "latency": percentiles(samples),
             "pacing": "timer" if ticker is not None else "selector",

@@ -11,12 +11,13 @@ from __future__ import annotations
 from benchmarks.peers.amqp import AmqpDriver
 from benchmarks.peers.base import Driver
 from benchmarks.peers.mqtt import MqttDriver
-from benchmarks.peers.msg import MsgDriver, RelayDriver
+from benchmarks.peers.msg import MsgDriver, MsgNoReplyDriver, RelayDriver
 from benchmarks.peers.nats import NatsDriver, NatsVerboseDriver
 from benchmarks.peers.redis import RedisDriver
 
 DRIVERS: dict[str, type[Driver]] = {
     "msg": MsgDriver,
+    "msg-noreply": MsgNoReplyDriver,
     "relay": RelayDriver,
     "redis": RedisDriver,
     "nats": NatsDriver,

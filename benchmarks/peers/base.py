@@ -120,16 +120,29 @@ class ReplyCounter(ABC):
 
 
 class NoReplies(ReplyCounter):
-    """Publishes that get no answer (MQTT QoS 0, NATS core)."""
+    """Publishes that get no answer (MQTT QoS 0, NATS core, msg with ``"reply": false``).
+
+    With an ``error_marker``, counts the errors the broker still sends; the marker's
+    first bytes at the end of a read are kept for the next, so one cut in two still
+    counts (once: what is kept is shorter than the marker).
+    """
 
     def __init__(self, error_marker: bytes | None = None) -> None:
         self.error_marker = error_marker
+        self.tail = b""
 
     def feed(self, data: bytes) -> int:
-        if self.error_marker and self.error_marker in data:
-            self.errors += data.count(self.error_marker)
-            if self.first_error is None:
-                self.first_error = data[data.find(self.error_marker) :][:300]
+        marker = self.error_marker
+        if marker:
+            if self.tail:
+                data = self.tail + data
+            if marker in data:
+                self.errors += data.count(marker)
+                if self.first_error is None:
+                    start = data.find(marker)
+                    end = data.find(b"\n", start)
+                    self.first_error = data[start : end if end >= 0 else None][:300]
+            self.tail = data[1 - len(marker) :] if len(marker) > 1 else b""
         return 0
 
 

@@ -2,6 +2,11 @@
 
 - Publish: ``{"action":"publish","topic":T,"mode":M,"message":"@000..."}``, one line;
   every publish is answered with one line (an ack once stored).
+- Publish without a reply (the ``msg-noreply`` driver, pub/sub only):
+  ``{"action":"publish","topic":T,"mode":"pubsub","reply":false,"message":"@000..."}``;
+  the broker answers nothing once it is stored and only an error (carrying
+  ``"reply":false``), so the publish window is bounded by deliveries, as for NATS core
+  and MQTT QoS 0, and the publisher only looks for error lines in what it reads.
 - Subscribe: one line per topic, pipelined; set-up waits for one reply per topic.
 - Queue consumers subscribe with ``"ack":"manual"`` and a ``prefetch``; for every read
   they send one ``bytes.join`` of ack requests. Progress counts the broker's replies
@@ -19,6 +24,7 @@ from benchmarks.peers.base import (
     Driver,
     Handshake,
     LineReplies,
+    NoReplies,
     Receiver,
     ReplyCounter,
     SeqReceiver,
@@ -31,6 +37,10 @@ _ACK_SEP: Final = b'"}\n{"action":"ack","message_id":"'
 _ACK_TAIL: Final = b'"}\n'
 _ACK_REPLY: Final = b'{"type":"ack","message_id"'
 _REDELIVERED: Final = b'"redelivered":true'
+# "reply" before the message and the message last: the shape the broker reads fastest.
+_NO_REPLY_PUBLISH: Final = (
+    b'{"action":"publish","topic":"%s","mode":"pubsub","reply":false,"message":"%s"}\n'
+)
 
 
 def _line(request: dict[str, object]) -> bytes:
@@ -119,6 +129,32 @@ class MsgDriver(Driver):
         sock.sendall(b'{"action":"ping"}\n')
         Handshake(sock).until(b"\n")
         return sock
+
+
+class MsgNoReplyDriver(MsgDriver):
+    """msg with ``"reply": false`` on every pub/sub publish: nothing comes back on success.
+
+    The like-for-like counterpart of NATS core ``PUB`` and MQTT QoS 0 in D (neither answers
+    a publish). Stored and delivered like any publish; loss and duplicates are counted at
+    the subscriber as always, and an error the broker still sends (``queue_full``, or
+    ``bad_request`` from a broker that predates the field) is counted from the publisher's
+    reads. Not for the queue workloads: their point is acked durability.
+    """
+
+    name = "msg-noreply"
+    pubsub_acks = False
+    supports_queue = False
+
+    def encode_publish(self, topic: str, body: bytes, seq: int, queue: bool) -> bytes:
+        if queue:
+            raise NotImplementedError("msg-noreply publishes to topics only")
+        return _NO_REPLY_PUBLISH % (topic.encode(), body)
+
+    def open_publisher(self, queue: bool, durable: bool) -> tuple[socket.socket, ReplyCounter]:
+        return self.connect(), NoReplies(_ERROR)
+
+    def open_consumer(self, index: int, prefetch: int, durable: bool) -> Receiver:
+        raise NotImplementedError("msg-noreply has no queue workloads")
 
 
 class RelayDriver(MsgDriver):
