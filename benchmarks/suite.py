@@ -535,7 +535,8 @@ def merge_slices(slices: list[Run]) -> Run:
     server = dict(first.server)
     server["problems"] = [line for part in slices for line in part.server.get("problems", [])][:20]
     server["exit"] = next((p.server.get("exit") for p in slices if p.server.get("exit")), 0)
-    return Run(job, merged, server)
+    pooled = {"latency_ns": latencies, "send_late_ns": late} if latencies else None
+    return Run(job, merged, server, pooled)
 
 
 def describe(run: Run) -> str:
@@ -616,12 +617,7 @@ def summarise(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
                 "note": next((x.get("error") for x in res if x.get("error")), None),
             }
             if workload == "D":
-                for q in ("p50_us", "p99_us", "p999_us", "max_us"):
-                    cell[q] = _median([(x.get("latency") or {}).get(q) for x in res])
-                cell["cdf_us"] = (res[0].get("latency") or {}).get("cdf_us")
-                cell["send_late_p99_us"] = _median(
-                    [(x.get("send_late_us") or {}).get("p99_us") for x in res]
-                )
+                cell.update(_latency_cell(mine))
             else:
                 ok_rates = [x.get("rate") for r, x in zip(mine, res, strict=True) if r.ok]
                 cell["rate"] = _median(ok_rates)
@@ -630,6 +626,42 @@ def summarise(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
                 cell["generator_cpu"] = _median([x.get("generator_cpu_percent") for x in res])
             table.setdefault(workload, {})[key] = cell
     return table
+
+
+def _latency_cell(mine: list[Run]) -> dict[str, Any]:
+    """D's figures for one target over its repetitions.
+
+    Interleaved repetitions are just more slices of the same weather (see
+    plan_latency), so their samples are pooled too: the percentiles are those of every
+    timed message of the target, the best estimate of a tail. Each repetition's own
+    p99 is kept (``p99_by_repetition``) to show the spread. Runs without samples (one
+    slice each, ``--latency-slices 1``) give the median over repetitions instead.
+    """
+    from benchmarks.loadgen import percentiles
+
+    mine = sorted(mine, key=lambda r: r.job.repetition)
+    res = [r.result for r in mine]
+    by_repetition = [(x.get("latency") or {}).get("p99_us") for x in res]
+    if all(r.samples for r in mine):
+        latency = percentiles([ns for r in mine for ns in (r.samples or {})["latency_ns"]])
+        late = percentiles([ns for r in mine for ns in (r.samples or {})["send_late_ns"]])
+        cell: dict[str, Any] = {q: latency.get(q) for q in ("p50_us", "p99_us", "p999_us")}
+        cell["max_us"] = latency.get("max_us")
+        cell["cdf_us"] = latency.get("cdf_us")
+        cell["send_late_p99_us"] = late.get("p99_us")
+        cell["pooled"] = "all samples of all repetitions"
+    else:
+        cell = {
+            q: _median([(x.get("latency") or {}).get(q) for x in res])
+            for q in ("p50_us", "p99_us", "p999_us", "max_us")
+        }
+        cell["cdf_us"] = (res[0].get("latency") or {}).get("cdf_us")
+        cell["send_late_p99_us"] = _median(
+            [(x.get("send_late_us") or {}).get("p99_us") for x in res]
+        )
+        cell["pooled"] = "median over repetitions"
+    cell["p99_by_repetition"] = by_repetition
+    return cell
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -707,6 +739,11 @@ def add_latency(cells: dict[str, dict[str, Any]], checks: list[dict[str, Any]]) 
 
     value = ratio(p99("msg-noreply"), p99("nats"))
     text = "msg-noreply p99 / NATS p99, neither answers a publish"
+    mine = cells.get("msg-noreply", {}).get("p99_by_repetition") or []
+    theirs = cells.get("nats", {}).get("p99_by_repetition") or []
+    if len(mine) > 1 and len(mine) == len(theirs):
+        each = [ratio(a, b) for a, b in zip(mine, theirs, strict=True)]
+        text += "; by repetition " + ", ".join("-" if r is None else f"{r:.2f}" for r in each)
     status = cells.get("msg-noreply", {}).get("status")
     met = None if value is None else value <= 1.0
     if status is not None and status != "ok":

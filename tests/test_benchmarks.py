@@ -104,3 +104,35 @@ def test_d_target_is_not_met_without_a_clean_no_reply_run() -> None:
     check = _d_target(failed)
     assert check["met"] is None
     assert "incomplete, 3 errors" in check["text"]
+
+
+def _d_run(key: str, repetition: int, latencies_us: list[int]) -> suite.Run:
+    job = suite.Job("D", suite.TARGETS[key], [], 10.0, repetition=repetition)
+    ns = [us * 1000 for us in latencies_us]
+    result = {"status": "ok", "latency": {"p99_us": float(max(latencies_us))}}
+    return suite.Run(job, result, {}, {"latency_ns": ns, "send_late_ns": [0] * len(ns)})
+
+
+def test_d_pools_every_repetitions_samples() -> None:
+    # One quiet repetition and one with a stall: the pooled p99 is that of all 200
+    # messages, not the median of two per-repetition figures.
+    quiet = [100] * 100
+    stalled = [100] * 97 + [5000] * 3
+    runs = [_d_run("nats", 0, quiet), _d_run("nats", 1, stalled)]
+    cell = suite.summarise(runs)["D"]["nats"]
+    assert cell["p99_us"] == 5000.0  # 3 of 200 samples lie above the 99th percentile
+    assert cell["p50_us"] == 100.0
+    assert cell["p99_by_repetition"] == [100.0, 5000.0]
+    assert cell["pooled"] == "all samples of all repetitions"
+
+
+def test_d_target_shows_the_ratio_of_each_repetition() -> None:
+    runs = [
+        _d_run("nats", 0, [100] * 100),
+        _d_run("nats", 1, [200] * 100),
+        _d_run("msg-noreply", 0, [50] * 100),
+        _d_run("msg-noreply", 1, [300] * 100),
+    ]
+    summary = suite.summarise(runs)
+    [check] = [c for c in suite.check_targets(summary, runs) if c["target"].startswith("D")]
+    assert "by repetition 0.50, 1.50" in check["text"]
