@@ -67,11 +67,11 @@ def _d_target(document: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def test_d_target_compares_no_reply_with_nats_core_and_shows_acked_beside() -> None:
+def test_d_target_is_msg_acked_against_nats_core_with_like_for_like_beside() -> None:
     document = _document(
         {
-            "msg": {"status": "ok", "p99_us": 2000.0},
-            "msg-noreply": {"status": "ok", "p99_us": 1000.0},
+            "msg": {"status": "ok", "p99_us": 1000.0},
+            "msg-noreply": {"status": "ok", "p99_us": 1500.0},
             "nats": {"status": "ok", "p99_us": 1250.0},
             "nats-verbose": {"status": "ok", "p99_us": 2500.0},
         }
@@ -79,31 +79,34 @@ def test_d_target_compares_no_reply_with_nats_core_and_shows_acked_beside() -> N
     check = _d_target(document)
     assert check["measured"] == pytest.approx(0.8)
     assert check["met"] is True
-    assert [round(b["measured"], 2) for b in check["beside"]] == [1.6, 0.8]
+    assert [round(b["measured"], 2) for b in check["beside"]] == [1.2, 0.4]
     row = next(line for line in suite.markdown(document).splitlines() if "D p99 <=" in line)
-    assert "0.80 (msg-noreply p99 / NATS p99" in row
-    assert "1.60 (msg acked p99 / NATS p99)" in row
-    assert "0.80 (msg acked p99 / NATS +OK p99)" in row
+    assert "0.80 (msg p99 / NATS p99, msg acking every publish)" in row
+    assert "1.20 (msg-noreply p99 / NATS p99, neither answers a publish)" in row
+    assert "0.40 (msg p99 / NATS +OK p99, both answer every publish)" in row
     assert row.endswith("| yes |")
 
 
-def test_d_target_is_not_met_without_a_clean_no_reply_run() -> None:
-    acked_only = _document(
-        {"msg": {"status": "ok", "p99_us": 900.0}, "nats": {"status": "ok", "p99_us": 1000.0}}
+def test_d_target_is_not_met_without_a_clean_msg_run() -> None:
+    no_reply_only = _document(
+        {
+            "msg-noreply": {"status": "ok", "p99_us": 900.0},
+            "nats": {"status": "ok", "p99_us": 1000.0},
+        }
     )
-    check = _d_target(acked_only)
+    check = _d_target(no_reply_only)
     assert check["measured"] is None
     assert check["met"] is None
     assert [round(b["measured"], 2) for b in check["beside"]] == [0.9]
     failed = _document(
         {
-            "msg-noreply": {"status": "incomplete", "errors": 3, "p99_us": 500.0},
+            "msg": {"status": "incomplete", "errors": 3, "p99_us": 500.0},
             "nats": {"status": "ok", "p99_us": 1000.0},
         }
     )
     check = _d_target(failed)
     assert check["met"] is None
-    assert "incomplete, 3 errors" in check["text"]
+    assert "msg runs: incomplete, 3 errors" in check["text"]
 
 
 def _d_run(key: str, repetition: int, latencies_us: list[int]) -> suite.Run:
@@ -130,9 +133,12 @@ def test_d_target_shows_the_ratio_of_each_repetition() -> None:
     runs = [
         _d_run("nats", 0, [100] * 100),
         _d_run("nats", 1, [200] * 100),
-        _d_run("msg-noreply", 0, [50] * 100),
-        _d_run("msg-noreply", 1, [300] * 100),
+        _d_run("msg", 0, [50] * 100),
+        _d_run("msg", 1, [300] * 100),
+        _d_run("msg-noreply", 0, [150] * 100),
+        _d_run("msg-noreply", 1, [100] * 100),
     ]
     summary = suite.summarise(runs)
     [check] = [c for c in suite.check_targets(summary, runs) if c["target"].startswith("D")]
     assert "by repetition 0.50, 1.50" in check["text"]
+    assert "by repetition 1.50, 0.50" in check["beside"][0]["text"]
