@@ -258,11 +258,7 @@ class _Connection:
         pending = self.pending
         for index, rid in enumerate(ids):
             pending[rid] = (call, index)
-        self._out.extend(lines)
-        if now:
-            self.flush()
-        elif self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+        self._queue(lines, now=now)
 
     def post(self, lines: list[bytes], last_id: int, *, now: bool) -> None:
         """Queue requests that ask for no reply (nothing enters ``pending``);
@@ -270,9 +266,13 @@ class _Connection:
         if not self.alive:
             raise ConnectionClosedError(f"the connection to {self.client.address} is closed")
         self.unreplied = last_id
-        self._out.extend(lines)
         self._out_bytes += len(lines[0]) if len(lines) == 1 else sum(map(len, lines))
-        if now or self._out_bytes >= _FLUSH_BYTES:
+        self._queue(lines, now=now or self._out_bytes >= _FLUSH_BYTES)
+
+    def _queue(self, lines: list[bytes], *, now: bool) -> None:
+        """Add ``lines`` to what goes out: now, or at the end of this loop iteration."""
+        self._out.extend(lines)
+        if now:
             self.flush()
         elif self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)

@@ -288,13 +288,13 @@ class ReplyRun:
 
     def _refusals(self) -> bytes:
         """The replies of a run of publishes that asked for none: their errors only."""
+        rids = self.rids
         out: list[bytes] = []
         position = 0
         for group, first, count in self.segments:
             if not group.all_done(first, count):
                 assert type(group) is AppendGroup  # only publishes run without replies
                 refusal = group.refusal
-                rids = self.rids
                 out.extend(
                     [refusal(first + offset, rids[position + offset]) for offset in range(count)]
                 )

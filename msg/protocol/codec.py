@@ -711,16 +711,12 @@ def _all_publishes(objs: list[Any]) -> Publishes | None:
     # Every publish asks for a reply, or none does (a mixed read goes line by line).
     raw_replies = list(map(get, objs, repeat("reply")))
     unset = raw_replies.count(None)
-    if unset == count:
-        reply = True
-    else:
-        first = raw_replies[0]
-        # (type() too: 0 == False, and 0 is not a valid "reply".)
-        if type(first) is not bool or raw_replies.count(first) != count:
-            return None
-        if set(map(type, raw_replies)) != _BOOL_ONLY:
-            return None
-        reply = first
+    # (The types too: 0 == False, and 0 is not a valid "reply".)
+    if unset != count and (
+        set(map(type, raw_replies)) != _BOOL_ONLY or raw_replies.count(raw_replies[0]) != count
+    ):
+        return None
+    reply = unset == count or raw_replies[0] is True
     # No field but action, topic, message, and mode, id and reply where given: each
     # request has at least those, so equal totals mean none has more. (An explicit null
     # counts here but not there, and goes line by line, as in the fast path.)
